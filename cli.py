@@ -1,0 +1,91 @@
+"""What every script shares: the error wrapper, common flags, device choice, wandb."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Callable
+
+import torch
+
+from constants import UserError
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv=None) -> None:
+    """Run a script's main; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    g.add_argument("--amp", dest="amp", action="store_true", default=None,
+                   help="bf16 autocast (default: on for CUDA, off for CPU)")
+    g.add_argument("--no-amp", dest="amp", action="store_false", help="full fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    g.add_argument("-NL", "--no-log", action="store_true", help="disable wandb logging")
+    g.add_argument("--wandb-project", default="unlearnbench", help="wandb project name")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def setup_runtime(args) -> torch.device:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return resolve_device(getattr(args, "device", None))
+
+
+class RunLogger:
+    """wandb when enabled: online with a key (WANDB_API_KEY, or WANDB_SECRET from .env),
+    offline without one. Any wandb failure degrades to a warning, never a crash."""
+
+    def __init__(self, enabled: bool, project: str, name: str, config: dict):
+        self.run = None
+        if not enabled:
+            return
+        try:
+            import wandb
+
+            key = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SECRET")
+            if key:
+                os.environ["WANDB_API_KEY"] = key  # wandb reads it from here; never printed
+            mode = "online" if key else "offline"
+            self.run = wandb.init(project=project, name=name, config=config, mode=mode,
+                                  reinit="finish_previous")
+        except Exception as e:  # no account, no network, no package: keep training
+            warnings.warn(f"wandb disabled ({type(e).__name__}); pass -NL to silence this")
+            self.run = None
+
+    def log(self, data: dict) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(data)
+            except Exception:
+                pass
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception:
+                pass

@@ -1,0 +1,485 @@
+"""Splits as uint8 tensors, decoded once and cached; forget/retain/validation index sets;
+and the device-resident batch loader that every script trains and evaluates through.
+
+Where a split comes from, in this order (the first that exists wins):
+  1. the decoded cache (`CACHE_DIR`, keyed by the source's path, size and file count);
+  2. torchvision's own on-disk formats under `DATA_ROOT` (or `DATA_ROOT/<name>/`):
+     `cifar-10-batches-py/`, `cifar-100-python/`, `train_32x32.mat`/`test_32x32.mat`;
+  3. an ImageFolder tree `DATA_ROOT/<name>/{train,test}/<class>/*` (any image format;
+     classes in sorted order, which for CIFAR-10 is its own label order);
+  4. the GTSRB archive `DATA_ROOT/gtsrb/gtsrb32.npz` (x_train/y_train/x_test/y_test, HWC);
+  5. with `download=True`, torchvision's downloader (CIFAR-10/100, SVHN), then 2.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from constants import DATASETS, UserError, cache_dir, canonical_dataset_name, data_root
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Split:
+    """One split of a dataset: x uint8 N×3×H×W, y int64 N."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str
+    train: bool
+    classes: list[str] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.y)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.y.max()) + 1
+
+
+# --- Reading the on-disk formats -------------------------------------------------------
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Accepts numpy arrays and plain containers only: a data file must not run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "dict"), ("builtins", "list")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise UserError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
+
+
+def safe_unpickle(path: Path):
+    with open(path, "rb") as f:
+        return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+
+
+def _read_cifar_pickles(folder: Path, files: list[str], label_key: bytes):
+    xs, ys = [], []
+    for name in files:
+        entry = safe_unpickle(folder / name)
+        xs.append(np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(entry[label_key], dtype=np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _torchvision_source(name: str, train: bool, roots: list[Path]):
+    """(description, reader) for torchvision's own formats, or None."""
+    for root in roots:
+        if name == "cifar10" and (root / "cifar-10-batches-py").is_dir():
+            folder = root / "cifar-10-batches-py"
+            files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+            return folder, lambda: _read_cifar_pickles(folder, files, b"labels")
+        if name == "cifar100" and (root / "cifar-100-python").is_dir():
+            folder = root / "cifar-100-python"
+            return folder, lambda: _read_cifar_pickles(folder, ["train" if train else "test"],
+                                                       b"fine_labels")
+        mat = root / ("train_32x32.mat" if train else "test_32x32.mat")
+        if name == "svhn" and mat.is_file():
+            return mat, lambda: _read_svhn_mat(mat)
+    return None
+
+
+def _read_svhn_mat(path: Path):
+    from scipy.io import loadmat
+
+    mat = loadmat(path)
+    x = np.ascontiguousarray(mat["X"].transpose(3, 2, 0, 1))  # H W C N -> N C H W
+    y = mat["y"].reshape(-1).astype(np.int64)
+    y[y == 10] = 0  # SVHN stores digit 0 as label 10
+    return x, y
+
+
+def _find_dir(parent: Path, name: str) -> Path | None:
+    """A child of `parent` whose canonical name equals `name` (case-insensitive)."""
+    if not parent.is_dir():
+        return None
+    for child in sorted(parent.iterdir()):
+        if child.is_dir() and canonical_dataset_name(child.name) == name:
+            return child
+    return None
+
+
+def _list_image_folder(folder: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    items = [(p, label) for label, c in enumerate(classes)
+             for p in sorted((folder / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    return classes, items
+
+
+def _decode_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _read_image_folder(folder: Path):
+    classes, items = _list_image_folder(folder)
+    if not items:
+        raise UserError(f"no images under {folder}: expected {folder}/<class>/<image>")
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL decodes without the GIL
+        images = list(tqdm(pool.map(_decode_image, (p for p, _ in items), chunksize=256),
+                           total=len(items), desc=f"decoding {folder}", leave=False))
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise UserError(f"images under {folder} have different sizes {sorted(shapes)[:3]}...: "
+                        "resize them to one size first")
+    x = np.stack(images).transpose(0, 3, 1, 2)
+    y = np.array([label for _, label in items], dtype=np.int64)
+    return np.ascontiguousarray(x), y, classes
+
+
+def _read_gtsrb_npz(path: Path, train: bool):
+    with np.load(path, allow_pickle=False) as z:
+        key = "train" if train else "test"
+        x = np.ascontiguousarray(z[f"x_{key}"].transpose(0, 3, 1, 2))
+        return x, z[f"y_{key}"].astype(np.int64)
+
+
+def _source_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    parts = [str(path.resolve()), str(stat.st_size), str(int(stat.st_mtime))]
+    if path.is_dir():
+        parts.append(str(sum(len(files) for _, _, files in os.walk(path))))
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _download(name: str, root: Path) -> None:
+    import torchvision
+
+    root.mkdir(parents=True, exist_ok=True)
+    makers = {"cifar10": lambda tr: torchvision.datasets.CIFAR10(root, train=tr, download=True),
+              "cifar100": lambda tr: torchvision.datasets.CIFAR100(root, train=tr, download=True),
+              "svhn": lambda tr: torchvision.datasets.SVHN(root, "train" if tr else "test",
+                                                          download=True)}
+    if name not in makers:
+        raise UserError(f"--download supports {', '.join(makers)}; put {name} under {root} yourself")
+    try:
+        for train in (True, False):
+            makers[name](train)
+    except Exception as e:  # network errors come in many types
+        raise UserError(f"downloading {name} into {root} failed ({e}); check the network, "
+                        f"or copy the data there and drop --download") from None
+
+
+def load_split(name: str, train: bool = True, *, root: str | Path | None = None,
+               download: bool = False, use_cache: bool = True) -> Split:
+    """Decode (once) and return a split. See the module docstring for the search order."""
+    key = canonical_dataset_name(name)
+    root = Path(root) if root is not None else data_root()
+    roots = [root] + ([root / key] if (root / key).is_dir() else [])
+    found = _locate(key, train, root, roots)
+    if found is None and download:
+        _download(key, root / key)
+        found = _locate(key, train, root, roots + [root / key])
+    if found is None:
+        tried = [str(r / p) for r in roots for p in ("cifar-10-batches-py", "cifar-100-python",
+                                                      "train_32x32.mat")]
+        tried += [f"{root}/{key}/{'train' if train else 'test'}/<class>/*",
+                  f"{root}/gtsrb/gtsrb32.npz"]
+        raise UserError(f"dataset '{name}' not found; looked in: {'; '.join(tried)}. Set DATA_ROOT "
+                        f"to the folder that holds it, or pass --download (CIFAR-10/100, SVHN)")
+    source, reader = found
+    split_name = "train" if train else "test"
+    cache_file = cache_dir() / f"{key}_{split_name}_{_source_fingerprint(source)}.pt"
+    if use_cache and cache_file.is_file():
+        blob = torch.load(cache_file, weights_only=True)
+        return Split(blob["x"], blob["y"], key, train, list(blob["classes"]))
+    x, y, classes = reader()
+    if not classes:
+        info = DATASETS.get(key)
+        classes = list(info.classes) if info and info.classes else [str(i) for i in range(int(y.max()) + 1)]
+    split = Split(torch.from_numpy(x), torch.from_numpy(y), key, train, list(classes))
+    if use_cache:
+        save_atomic({"x": split.x, "y": split.y, "classes": split.classes}, cache_file)
+    return split
+
+
+def _locate(key: str, train: bool, root: Path, roots: list[Path]):
+    tv = _torchvision_source(key, train, roots)
+    if tv is not None:
+        source, read = tv
+        return source, lambda: (*read(), None)
+    folder = _find_dir(root, key)
+    if folder is not None:
+        sub = folder / ("train" if train else "test")
+        if sub.is_dir() and any(d.is_dir() for d in sub.iterdir()):
+            return sub, lambda: _read_image_folder(sub)
+    npz = root / "gtsrb" / "gtsrb32.npz"
+    if key == "gtsrb" and npz.is_file():
+        return npz, lambda: (*_read_gtsrb_npz(npz, train), None)
+    return None
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary name in the same folder, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dataset_info(split: Split):
+    """Facts for a split: the table entry, or statistics measured on it (ImageFolder)."""
+    if split.name in DATASETS:
+        return DATASETS[split.name]
+    from constants import DatasetInfo
+
+    x = split.x[:10_000].float() / 255
+    return DatasetInfo(split.name, split.num_classes, tuple(x.mean((0, 2, 3)).tolist()),
+                       tuple(x.std((0, 2, 3)).tolist()), split.x.shape[-1], len(split), 0,
+                       tuple(split.classes))
+
+
+# --- Index sets: validation, subsets, forget/retain -------------------------------------
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def stratified_split(labels: torch.Tensor, frac: float, seed: int = 0,
+                     candidates: torch.Tensor | None = None):
+    """(kept, held_out) index tensors; held_out has round(frac·n_c) of each class."""
+    if not 0 <= frac < 1:
+        raise UserError(f"validation fraction must be in [0, 1), got {frac}")
+    idx = torch.arange(len(labels)) if candidates is None else candidates
+    y = labels[idx].numpy()
+    rng, held = _rng(seed), []
+    for c in np.unique(y):
+        members = idx.numpy()[y == c]
+        held.append(rng.choice(members, int(round(frac * len(members))), replace=False))
+    held = torch.from_numpy(np.sort(np.concatenate(held))).long() if held else torch.empty(0, dtype=torch.long)
+    kept = idx[~torch.isin(idx, held)]
+    return kept, held
+
+
+def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """n indices (sorted), as equal per class as possible, seeded."""
+    if n <= 0 or n > len(labels):
+        raise UserError(f"--subset must be between 1 and {len(labels)}, got {n}")
+    y = labels.numpy()
+    classes = np.unique(y)
+    rng = _rng(seed)
+    per = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
+    picks = []
+    for c, k in zip(classes, per):
+        members = np.flatnonzero(y == c)
+        picks.append(rng.choice(members, min(k, len(members)), replace=False))
+    return torch.from_numpy(np.sort(np.concatenate(picks))).long()
+
+
+def forget_indices(labels: torch.Tensor, *, cf: int | None = None, unlr: float | None = None,
+                   itf: str | Path | None = None, seed: int = 0,
+                   candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """The forget set, as indices into the full training split.
+
+    cf: every candidate of that class; unlr: a seeded fraction of the candidates;
+    itf: a JSON list of indices (or {"forget": [...]}). At most one may be given."""
+    given = [v is not None for v in (cf, unlr, itf)]
+    if sum(given) > 1:
+        raise UserError("give at most one of --cf, --unlr, --itf")
+    cand = torch.arange(len(labels)) if candidates is None else candidates
+    num_classes = int(labels.max()) + 1
+    if cf is not None:
+        if not 0 <= cf < num_classes:
+            raise UserError(f"class {cf} is out of range: this dataset has classes 0..{num_classes - 1}")
+        return cand[labels[cand] == cf]
+    if unlr is not None:
+        if not 0 <= unlr < 1:
+            raise UserError(f"the forget fraction must be in [0, 1), got {unlr}")
+        k = int(round(unlr * len(cand)))
+        chosen = _rng(seed).choice(len(cand), k, replace=False)
+        return torch.sort(cand[torch.from_numpy(chosen)])[0]
+    if itf is not None:
+        return read_index_json(itf, len(labels))
+    return torch.empty(0, dtype=torch.long)
+
+
+def read_index_json(path: str | Path, n: int) -> torch.Tensor:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"index file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"index file {path} is not valid JSON ({e})") from None
+    if isinstance(data, dict):
+        data = data.get("forget", data.get("indices"))
+    if not isinstance(data, list) or not all(isinstance(i, int) for i in data):
+        raise UserError(f"index file {path} must hold a JSON list of integers "
+                        '(or {"forget": [...]})')
+    idx = torch.tensor(sorted(set(data)), dtype=torch.long)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        raise UserError(f"index file {path} has indices outside 0..{n - 1} of the training split")
+    return idx
+
+
+def write_index_json(path: Path, indices: torch.Tensor, **meta) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"forget": indices.tolist(), **meta}))
+    os.replace(tmp, path)
+
+
+# --- The batch loader -------------------------------------------------------------------
+
+class Batch(NamedTuple):
+    x: torch.Tensor  # float N×3×H×W, normalised unless the loader was told otherwise
+    y: torch.Tensor  # int64
+    idx: torch.Tensor  # indices into the split
+
+
+def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding + horizontal flip, for the whole batch in one gather."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = dy[:, None] + torch.arange(h)
+    cols = dx[:, None] + torch.arange(w)
+    if flip:
+        flips = torch.rand(b, generator=gen) < 0.5
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    dev = x.device
+    rows, cols = rows.to(dev, non_blocking=True), cols.to(dev, non_blocking=True)
+    return xp[torch.arange(b, device=dev)[:, None, None, None],
+              torch.arange(c, device=dev)[None, :, None, None],
+              rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@dataclass
+class Augment:
+    """Whole-batch augmentation; `crop` is the padding (0 = none)."""
+
+    crop: int = 4
+    flip: bool = True
+
+    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.crop:
+            return crop_flip(x, self.crop, gen, self.flip)
+        if self.flip:
+            flips = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
+            return torch.where(flips[:, None, None, None], x.flip(3), x)
+        return x
+
+
+class BatchLoader:
+    """Batches of one split, with the data resident on `device`.
+
+    What the model sees can be changed in three places, in this order:
+      1. `replace=(indices, uint8 images)`: per-sample replacements before augmentation
+         (poisons, blended triggers); built once, the split itself is not modified;
+      2. `transform(x, idx)`: a float transform on the whole batch in [0, 1] pixel space,
+         before augmentation (e.g. orthogonal projection);
+      then augmentation and normalisation, and finally
+      3. `stamp(x)`: applied after augmentation to the samples where `stamp_mask` is True,
+         after normalisation if `stamp_after_normalize` (the corrective paper's trigger).
+    `labels` (a full-length tensor) overrides the split's labels per sample.
+    Shuffling is seeded by (seed, epoch) so any epoch can be replayed exactly (resume).
+    """
+
+    def __init__(self, split: Split, indices: torch.Tensor | None = None, *, batch_size: int = 512,
+                 shuffle: bool = False, seed: int = 0, device: str | torch.device = "cpu",
+                 augment: Augment | None = None, normalize: bool = True, mean=None, std=None,
+                 labels: torch.Tensor | None = None,
+                 replace: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 transform: Callable | None = None,
+                 stamp: Callable | None = None, stamp_mask: torch.Tensor | None = None,
+                 stamp_after_normalize: bool = True, drop_last: bool = False):
+        self.device = torch.device(device)
+        self.indices = (torch.arange(len(split)) if indices is None else indices.long()).cpu()
+        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(split)):
+            raise UserError("loader indices fall outside the split")
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.augment, self.transform = augment, transform
+        self.stamp, self.stamp_after_normalize = stamp, stamp_after_normalize
+        x = split.x
+        if replace is not None:
+            r_idx, r_img = replace
+            if r_img.dtype != torch.uint8 or r_img.shape[1:] != x.shape[1:] or len(r_img) != len(r_idx):
+                raise UserError("replacement images must be uint8 with the split's image shape, "
+                                "one per index")
+            x = x.clone()
+            x[r_idx.long()] = r_img
+        self.x = x.to(self.device)
+        y = split.y if labels is None else labels
+        if len(y) != len(split):
+            raise UserError("label override must have one label per sample of the split")
+        self.y = y.long().to(self.device)
+        self.stamp_mask = None if stamp_mask is None else stamp_mask.bool().to(self.device)
+        self.normalize = normalize
+        if normalize:
+            info = DATASETS.get(split.name)
+            if mean is None:
+                mean, std = (info.mean, info.std) if info else (dataset_info(split).mean,
+                                                                 dataset_info(split).std)
+            self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+            self.inv_std = 1 / torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        self.epoch = 0
+
+    def __len__(self):
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + salt)
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(len(order), generator=self._generator(0))]
+        aug_gen = self._generator(1)
+        order = order.to(self.device, non_blocking=True)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            yield Batch(self.images(idx, aug_gen), self.y[idx], idx)
+
+    def images(self, idx: torch.Tensor, aug_gen: torch.Generator | None = None) -> torch.Tensor:
+        x = self.x[idx].float().div_(255)
+        if self.transform is not None:
+            x = self.transform(x, idx)
+        if self.augment is not None and aug_gen is not None:
+            x = self.augment(x, aug_gen)
+        if self.stamp is not None and not self.stamp_after_normalize:
+            x = self._stamp(x, idx)
+        if self.normalize:
+            x = (x - self.mean) * self.inv_std
+        if self.stamp is not None and self.stamp_after_normalize:
+            x = self._stamp(x, idx)
+        return x
+
+    def _stamp(self, x, idx):
+        if self.stamp_mask is None:
+            return self.stamp(x)
+        sel = self.stamp_mask[idx]
+        return torch.where(sel[:, None, None, None], self.stamp(x.clone()), x)

@@ -1,0 +1,322 @@
+"""The one training loop, evaluation, and checkpoints.
+
+Methods differ in their data stream, their loss and which parameters move; all of them
+train through `fit`. A stream is anything with `__len__`, `set_epoch(e)` and `__iter__`
+(a `datasets.BatchLoader`, or a `Chain` of them); `loss_fn(model, item)` turns one item
+into `(loss, logits, labels)` (logits/labels may be None when accuracy means nothing).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from constants import UserError
+from datasets import save_atomic
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    steps: int | None = None  # an iteration budget; overrides epochs when set
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine | multistep | linear | constant
+    milestones: tuple[int, ...] = ()  # epochs, for multistep
+    gamma: float = 0.1
+    warmup: float = 0.0  # linear warm-up, as a fraction of all steps
+    final_lr_frac: float = 0.0  # where `linear` decays to
+    amp: bool | None = None  # bf16 autocast; None = on for CUDA, off for CPU
+    channels_last: bool | None = None  # None = on for CUDA
+    compile: bool = False
+    grad_clip: float | None = None
+    log_every: int = 50
+    train_mode: bool = True  # False keeps BatchNorm/dropout in eval mode while training
+
+    def plain(self) -> dict:
+        d = asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise UserError("nothing to train: no parameter requires a gradient")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise UserError(f"unknown optimizer '{cfg.optimizer}': choose sgd or adam")
+
+
+def lr_multiplier(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> Callable[[int], float]:
+    """Per-step multiplier of the base learning rate (warm-up, then the schedule)."""
+    warm = int(cfg.warmup * total_steps)
+
+    def at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * t))
+        if cfg.schedule == "linear":
+            return 1 - (1 - cfg.final_lr_frac) * t
+        if cfg.schedule == "multistep":
+            epoch = step // max(1, steps_per_epoch)
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        if cfg.schedule == "constant":
+            return 1.0
+        raise UserError(f"unknown schedule '{cfg.schedule}': choose cosine, multistep, linear or constant")
+
+    at(0)  # validate the name before training starts
+    return at
+
+
+def cross_entropy_loss(model: nn.Module, batch):
+    logits = model(batch.x)
+    return F.cross_entropy(logits, batch.y), logits, batch.y
+
+
+class Chain:
+    """Several streams one after the other each epoch, items tagged: (tag, batch)."""
+
+    def __init__(self, **streams):
+        self.streams = streams
+
+    def __len__(self):
+        return sum(len(s) for s in self.streams.values())
+
+    def set_epoch(self, epoch):
+        for s in self.streams.values():
+            s.set_epoch(epoch)
+
+    def __iter__(self):
+        for tag, stream in self.streams.items():
+            for batch in stream:
+                yield tag, batch
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def resolve_amp(cfg_amp: bool | None, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg_amp is None else cfg_amp
+
+
+def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable = cross_entropy_loss,
+        params=None, after_backward: Callable | None = None, after_step: Callable | None = None,
+        evaluate: Callable[[nn.Module, int], dict] | None = None,
+        resume_path: str | Path | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+        desc: str = "train") -> list[dict]:
+    """Train `model` in place. Returns the per-epoch history.
+
+    `after_backward(model)` runs after backward (gradient masks), `after_step(model)` after
+    each optimizer step (projections, restoring frozen weights). With `resume_path`, the
+    full training state is saved there after every epoch and picked up on the next call;
+    the loader replays epochs by seed, so a resumed run ends bit-identical on CPU.
+    """
+    device = _device_of(model)
+    amp = resolve_amp(cfg.amp, device)
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward_model = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(model.parameters() if params is None else params, cfg)
+    steps_per_epoch = len(stream)
+    if steps_per_epoch == 0:
+        raise UserError("the training set is empty: check the subset and forget options")
+    total_steps = cfg.steps if cfg.steps else cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))
+    history, start_epoch, step = [], 0, 0
+    if resume_path is not None and Path(resume_path).is_file():
+        state = load_resume_state(resume_path, model, optimizer, scheduler)
+        start_epoch, step, history = state["epoch"], state["step"], state["history"]
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    for epoch in range(start_epoch, epochs):
+        model.train(cfg.train_mode)
+        stream.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = torch.zeros((), device=device, dtype=torch.long)
+        n_items = 0
+        t0 = time.perf_counter()
+        bar = tqdm(stream, total=min(steps_per_epoch, total_steps - step),
+                   desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        for item in bar:
+            if channels_last:
+                item = _to_channels_last(item)
+            with autocast(device, amp):
+                loss, logits, labels = loss_fn(forward_model, item)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if after_backward is not None:
+                after_backward(model)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if after_step is not None:
+                after_step(model)
+            loss_sum += loss.detach().float()
+            n_items += 1
+            if logits is not None:
+                correct += (logits.argmax(1) == labels).sum()
+                seen += len(labels)
+            step += 1
+            if step % cfg.log_every == 0:  # the only host-device sync inside the epoch
+                bar.set_postfix(loss=f"{loss_sum.item() / n_items:.3f}")
+            if step >= total_steps:
+                break
+        sync(device)
+        record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                  "train_loss": loss_sum.item() / max(1, n_items),
+                  "epoch_seconds": time.perf_counter() - t0}
+        if seen.item():
+            record["train_acc"] = 100.0 * correct.item() / seen.item()
+        if evaluate is not None:
+            record.update(evaluate(model, epoch + 1))
+        history.append(record)
+        tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " +
+                   ", ".join(f"{k}={v:.4g}" for k, v in record.items()
+                             if isinstance(v, float) and k != "lr"))
+        if resume_path is not None:
+            save_resume_state(resume_path, model, optimizer, scheduler, epoch + 1, step, history)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+        if step >= total_steps:
+            break
+    model.eval()
+    return history
+
+
+def _to_channels_last(item):
+    if hasattr(item, "_replace") and hasattr(item, "x"):
+        return item._replace(x=item.x.contiguous(memory_format=torch.channels_last))
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        return item[0], _to_channels_last(item[1])
+    return item
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, amp: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32, labels) on the CPU for every sample of the loader, in loader order."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    with autocast(device, resolve_amp(amp, device)):
+        for batch in loader:
+            logits.append(model(batch.x).float())
+            labels.append(batch.y)
+    model.train(was_training)
+    if not logits:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
+
+
+def accuracy_on(model: nn.Module, loader, amp: bool | None = None) -> float:
+    logits, labels = predict(model, loader, amp)
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
+
+
+# --- Checkpoints: state_dict + plain metadata, loaded with weights_only=True ---------------
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"state_dict": state, "meta": meta}, Path(path))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, meta). Accepts our format, `{"net": ...}` (I-BAU release),
+    `{"state_dict": ...}`/`{"model": ...}` (SalUn code) and bare state_dicts."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]} "
+                        "(only tensors and plain metadata are loaded)") from None
+    if not isinstance(blob, dict):
+        raise UserError(f"checkpoint {path} does not hold a state_dict")
+    for key in ("state_dict", "net", "model"):
+        if isinstance(blob.get(key), dict):
+            meta = blob.get("meta") or {k: v for k, v in blob.items()
+                                        if k != key and isinstance(v, (int, float, str, dict))}
+            return _strip_prefix(blob[key]), meta
+    if all(isinstance(v, torch.Tensor) for v in blob.values()):
+        return _strip_prefix(blob), {}
+    raise UserError(f"checkpoint {path} holds no state_dict (keys: {', '.join(list(blob)[:6])})")
+
+
+def _strip_prefix(sd: dict) -> dict:
+    # torch.compile and DataParallel prefix parameter names; checkpoints must not care.
+    for prefix in ("_orig_mod.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(model: nn.Module, state_dict: dict, path: str | Path = "checkpoint") -> None:
+    """load_state_dict with a one-line error naming what does not match."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"shape mismatch at {wrong[0]} ({tuple(state_dict[wrong[0]].shape)} "
+                         f"in file, {tuple(own[wrong[0]].shape)} in model)")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise UserError(f"{path} does not fit this model: {'; '.join(parts)}; "
+                        "check --model, --dataset and the number of classes")
+    model.load_state_dict(state_dict)
+
+
+def save_resume_state(path, model, optimizer, scheduler, epoch, step, history) -> None:
+    save_atomic({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
+                 "history": history, "rng": torch.get_rng_state()}, Path(path))
+
+
+def load_resume_state(path, model, optimizer, scheduler) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        raise UserError(f"cannot resume from {path} ({str(e).splitlines()[0][:160]}); "
+                        "delete it to start over") from None
+    torch.set_rng_state(state["rng"])
+    tqdm.write(f"resuming from {path} after epoch {state['epoch']}")
+    return state

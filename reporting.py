@@ -1,0 +1,81 @@
+"""Results on disk: JSON (atomic), JSON lines, CSV and Markdown tables, mean ± std rows."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def append_jsonl(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:  # one short line per write: a crash leaves whole lines
+        f.write(json.dumps(obj, default=str) + "\n")
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+
+
+def summarize(runs: list[dict], group_keys: list[str], metric_keys: list[str]) -> list[dict]:
+    """One row per group: the group keys, n, and "mean ± std" per metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r.get(k) for k in group_keys), []).append(r)
+    rows = []
+    for key, members in groups.items():
+        row = dict(zip(group_keys, key))
+        row["n"] = len(members)
+        for m in metric_keys:
+            vals = [r[m] for r in members if r.get(m) is not None]
+            if vals:
+                mu, sd = mean_std(vals)
+                row[m] = f"{mu:.2f} ± {sd:.2f}"
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict], stem: str | Path, columns: list[str] | None = None) -> str:
+    """Write `<stem>.csv` and `<stem>.md`; return the Markdown."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(f"{stem}.csv", buf.getvalue())
+    md = markdown_table(rows, columns)
+    write_text_atomic(f"{stem}.md", md)
+    return md

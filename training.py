@@ -1,0 +1,128 @@
+"""Training a classifier from a data description: the recipe shared by train.py, the base
+and `retrain` models of main.py, and dfr_step_1.py. The loop itself is `engine.fit`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import engine
+from constants import UserError, canonical_dataset_name
+from datasets import (Augment, BatchLoader, Split, balanced_subset, dataset_info, forget_indices,
+                      load_split, stratified_split)
+from models import canonical_model_name, expects_normalized, get_model
+
+
+@dataclass
+class DataSpec:
+    dataset: str = "cifar10"
+    subset: int | None = None  # class-balanced subset of the training split
+    val_frac: float = 0.1  # stratified validation split, held out of training
+    split_seed: int = 0  # seeds subset and validation split (shared by all runs)
+    cf: int | None = None
+    unlr: float | None = None
+    itf: str | None = None
+    download: bool = False
+
+
+@dataclass
+class PreparedData:
+    train: Split
+    test: Split
+    retain_idx: torch.Tensor  # what training uses: candidates minus forget
+    val_idx: torch.Tensor
+    forget_idx: torch.Tensor
+    spec: DataSpec
+
+    @property
+    def num_classes(self) -> int:
+        return dataset_info(self.train).num_classes
+
+
+def prepare_data(spec: DataSpec, seed: int = 0) -> PreparedData:
+    """Load the splits and build the index sets. Every index refers to the full training
+    split, also under `subset`. The forget set is drawn with `seed` (random forgetting
+    differs per run); subset and validation split with `split_seed` (shared)."""
+    train = load_split(spec.dataset, True, download=spec.download)
+    test = load_split(spec.dataset, False, download=spec.download)
+    pool = balanced_subset(train.y, spec.subset, spec.split_seed) if spec.subset else None
+    candidates, val_idx = stratified_split(train.y, spec.val_frac, spec.split_seed, candidates=pool)
+    forget = forget_indices(train.y, cf=spec.cf, unlr=spec.unlr, itf=spec.itf, seed=seed,
+                            candidates=candidates)
+    if spec.itf is not None and spec.subset:
+        forget = forget[torch.isin(forget, candidates)]  # an index file may cover more
+    retain = candidates[~torch.isin(candidates, forget)]
+    return PreparedData(train, test, retain, val_idx, forget, spec)
+
+
+def test_indices_without_class(test: Split, cf: int | None) -> torch.Tensor:
+    idx = torch.arange(len(test))
+    return idx if cf is None else idx[test.y != cf]
+
+
+def make_loader(data: PreparedData, split: str, indices, *, model_name: str, batch_size: int,
+                device, train: bool = False, seed: int = 0, augment: Augment | None = None,
+                **overrides) -> BatchLoader:
+    """A loader over the train or test split; `train=True` shuffles and augments."""
+    source = data.train if split == "train" else data.test
+    return BatchLoader(source, indices, batch_size=batch_size, shuffle=train, seed=seed,
+                       device=device, augment=(augment or Augment()) if train else None,
+                       normalize=expects_normalized(model_name), **overrides)
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def build_model(model_name: str, num_classes: int, device, seed: int):
+    torch.manual_seed(seed)  # the initialisation is part of the seeded run
+    return get_model(model_name, num_classes).to(device)
+
+
+def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfig, *,
+                     device, batch_size: int, seed: int, ckpt_path: Path,
+                     extra_meta: dict | None = None, augment: Augment | None = None,
+                     eval_batch_size: int = 1024, logger=None, resume: bool = True,
+                     on_epoch_end=None, loader_overrides: dict | None = None):
+    """Train from scratch on `data.retain_idx`, evaluate each epoch on val/test, and save
+    `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`."""
+    num_classes = data.num_classes
+    model = build_model(model_name, num_classes, device, seed)
+    loader = make_loader(data, "train", data.retain_idx, model_name=model_name,
+                         batch_size=batch_size, device=device, train=True, seed=seed,
+                         augment=augment, **(loader_overrides or {}))
+    evals = {"test_acc": make_loader(data, "test", test_indices_without_class(data.test, data.spec.cf),
+                                      model_name=model_name, batch_size=eval_batch_size, device=device)}
+    if len(data.val_idx):
+        evals["val_acc"] = make_loader(data, "train", data.val_idx, model_name=model_name,
+                                       batch_size=eval_batch_size, device=device)
+
+    def evaluate(m, epoch):
+        out = {k: engine.accuracy_on(m, ld, cfg.amp) for k, ld in evals.items()}
+        if logger is not None:
+            logger.log({"epoch": epoch, **out})
+        return out
+
+    meta = {"model": canonical_model_name(model_name), "num_classes": num_classes,
+            "dataset": canonical_dataset_name(data.spec.dataset), "seed": seed,
+            "batch_size": batch_size, "data": asdict(data.spec), "train": cfg.plain(),
+            **(extra_meta or {})}
+    meta["config_hash"] = config_hash(meta)
+    resume_path = Path(f"{ckpt_path}.resume-{meta['config_hash']}.pt") if resume else None
+    t0 = time.perf_counter()
+    history = engine.fit(model, loader, cfg, evaluate=evaluate, resume_path=resume_path,
+                         on_epoch_end=on_epoch_end, desc=f"{meta['model']}/{meta['dataset']}")
+    seconds = time.perf_counter() - t0
+    final = history[-1] if history else {}
+    meta.update({"epochs_done": final.get("epoch", 0), "test_acc": final.get("test_acc"),
+                 "val_acc": final.get("val_acc"), "train_seconds_this_process": seconds,
+                 "n_train": len(data.retain_idx), "n_forget": len(data.forget_idx)})
+    engine.save_checkpoint(ckpt_path, model, meta)
+    if resume_path is not None and resume_path.exists():
+        resume_path.unlink()  # finished: the checkpoint is the record now
+    return model, meta, history
