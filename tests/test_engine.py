@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+import engine
+from constants import UserError
+from datasets import Augment, BatchLoader, Split
+from models import get_model
+
+
+def tiny_split(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randint(0, 120, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    x[torch.arange(n), y % 3] += 100  # a learnable colour cue
+    return Split(x, y, "cifar10", True)
+
+
+def run(tmp_path, resume_path=None, crash_after=None, model_name="small_vgg", amp=False):
+    torch.manual_seed(0)
+    model = get_model(model_name, 4)
+    loader = BatchLoader(tiny_split(), batch_size=16, shuffle=True, seed=0, augment=Augment())
+    cfg = engine.TrainConfig(epochs=3, lr=0.05, schedule="cosine", warmup=0.2, amp=amp)
+
+    def crash(epoch, record):
+        if crash_after is not None and epoch == crash_after:
+            raise KeyboardInterrupt
+
+    history = engine.fit(model, loader, cfg, resume_path=resume_path, on_epoch_end=crash)
+    return model, history
+
+
+def test_resumed_run_ends_bit_identical(tmp_path):
+    """Interrupted after epoch 2, then resumed: same weights as never interrupted (CPU).
+    small_vgg has dropout, so this also checks that the RNG state is restored."""
+    reference, _ = run(tmp_path)
+    state = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, resume_path=state, crash_after=2)
+    assert state.exists()
+    resumed, history = run(tmp_path, resume_path=state)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_bf16_autocast_path_runs_on_cpu(tmp_path):
+    model, history = run(tmp_path, model_name="smallcnn", amp=True)
+    assert all(math.isfinite(h["train_loss"]) for h in history)
+
+
+def test_training_learns_a_simple_cue(tmp_path):
+    model, history = run(tmp_path, model_name="smallcnn")
+    loader = BatchLoader(tiny_split(seed=1), batch_size=64)
+    assert engine.accuracy_on(model, loader) > 50  # 4 classes, chance is 25
+
+
+def test_schedules():
+    cfg = engine.TrainConfig(schedule="multistep", milestones=(2, 4), gamma=0.1)
+    at = engine.lr_multiplier(cfg, steps_per_epoch=10, total_steps=60)
+    assert at(0) == 1 and at(19) == 1 and math.isclose(at(20), 0.1) and math.isclose(at(45), 0.01)
+    cos = engine.lr_multiplier(engine.TrainConfig(schedule="cosine", warmup=0.1), 10, 100)
+    assert math.isclose(cos(0), 0.1) and math.isclose(cos(9), 1.0) and cos(99) < 0.01
+    lin = engine.lr_multiplier(engine.TrainConfig(schedule="linear", final_lr_frac=0.2), 10, 100)
+    assert math.isclose(lin(100), 0.2)
+    with pytest.raises(UserError, match="unknown schedule"):
+        engine.lr_multiplier(engine.TrainConfig(schedule="step"), 10, 100)
+
+
+def test_iteration_budget_overrides_epochs():
+    model = get_model("smallcnn", 4)
+    loader = BatchLoader(tiny_split(), batch_size=16)  # 3 batches per epoch
+    history = engine.fit(model, loader, engine.TrainConfig(epochs=100, steps=7, lr=0.01))
+    assert history[-1]["step"] == 7 and len(history) == 3
+
+
+def test_checkpoint_round_trip_and_safety(tmp_path):
+    model = get_model("smallcnn", 4)
+    engine.save_checkpoint(tmp_path / "m.pt", model, {"model": "smallcnn", "acc": 1.5})
+    sd, meta = engine.load_checkpoint(tmp_path / "m.pt")
+    assert meta == {"model": "smallcnn", "acc": 1.5}
+    other = get_model("smallcnn", 4)
+    engine.load_weights(other, sd)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(UserError, match="does not fit this model.*shape mismatch"):
+        engine.load_weights(get_model("smallcnn", 10), sd)
+
+    torch.save({"net": model.state_dict(), "acc": 84.5, "epoch": 48}, tmp_path / "release.pth")
+    sd2, meta2 = engine.load_checkpoint(tmp_path / "release.pth")  # the I-BAU release layout
+    assert meta2 == {"acc": 84.5, "epoch": 48} and set(sd2) == set(sd)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    torch.save({"state_dict": {}, "meta": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        engine.load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        engine.load_checkpoint(tmp_path / "missing.pt")
