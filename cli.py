@@ -50,9 +50,12 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def setup_runtime(args) -> torch.device:
+    """Threads, device, and (under torchrun) the process group; returns this rank's device."""
+    import distributed
+
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return resolve_device(getattr(args, "device", None))
+    return distributed.init_from_env(resolve_device(getattr(args, "device", None)))
 
 
 class RunLogger:

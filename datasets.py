@@ -410,8 +410,10 @@ class BatchLoader:
                  replace: tuple[torch.Tensor, torch.Tensor] | None = None,
                  transform: Callable | None = None,
                  stamp: Callable | None = None, stamp_mask: torch.Tensor | None = None,
-                 stamp_after_normalize: bool = True, drop_last: bool = False):
+                 stamp_after_normalize: bool = True, drop_last: bool = False,
+                 shard: tuple[int, int] | None = None):
         self.device = torch.device(device)
+        self.shard = shard  # (rank, world_size): this process's share of every epoch
         self.indices = (torch.arange(len(split)) if indices is None else indices.long()).cpu()
         if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= len(split)):
             raise UserError("loader indices fall outside the split")
@@ -442,8 +444,11 @@ class BatchLoader:
             self.inv_std = 1 / torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.epoch = 0
 
+    def _per_rank(self) -> int:
+        return len(self.indices) if self.shard is None else len(self.indices) // self.shard[1]
+
     def __len__(self):
-        n = len(self.indices)
+        n = self._per_rank()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -457,6 +462,10 @@ class BatchLoader:
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=self._generator(0))]
         aug_gen = self._generator(1)
+        if self.shard is not None:  # same permutation on every rank, disjoint equal slices
+            rank, world = self.shard
+            order = order[rank::world][:self._per_rank()]
+            aug_gen = self._generator(1 + 7 * (rank + 1))
         order = order.to(self.device, non_blocking=True)
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from constants import UserError
 from datasets import save_atomic
 
@@ -137,7 +138,12 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable = cross
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    forward_model = torch.compile(model) if cfg.compile else model
+    forward_model = model
+    if distributed.world_size() > 1:  # gradients averaged across ranks by DDP
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        forward_model = torch.compile(forward_model)
     optimizer = make_optimizer(model.parameters() if params is None else params, cfg)
     steps_per_epoch = len(stream)
     if steps_per_epoch == 0:
@@ -188,6 +194,7 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable = cross
             if step >= total_steps:
                 break
         sync(device)
+        distributed.sync_buffers(model)
         record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
                   "train_loss": loss_sum.item() / max(1, n_items),
                   "epoch_seconds": time.perf_counter() - t0}
@@ -199,8 +206,9 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable = cross
         tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " +
                    ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                              if isinstance(v, float) and k != "lr"))
-        if resume_path is not None:
+        if resume_path is not None and distributed.is_main():
             save_resume_state(resume_path, model, optimizer, scheduler, epoch + 1, step, history)
+        distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
         if step >= total_steps:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import engine
 from constants import UserError, canonical_dataset_name
 from datasets import (Augment, BatchLoader, Split, balanced_subset, dataset_info, forget_indices,
@@ -95,7 +96,7 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     model = build_model(model_name, num_classes, device, seed)
     loader = make_loader(data, "train", data.retain_idx, model_name=model_name,
                          batch_size=batch_size, device=device, train=True, seed=seed,
-                         augment=augment, **(loader_overrides or {}))
+                         augment=augment, shard=distributed.shard(), **(loader_overrides or {}))
     evals = {"test_acc": make_loader(data, "test", test_indices_without_class(data.test, data.spec.cf),
                                       model_name=model_name, batch_size=eval_batch_size, device=device)}
     if len(data.val_idx):
@@ -122,7 +123,10 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     meta.update({"epochs_done": final.get("epoch", 0), "test_acc": final.get("test_acc"),
                  "val_acc": final.get("val_acc"), "train_seconds_this_process": seconds,
                  "n_train": len(data.retain_idx), "n_forget": len(data.forget_idx)})
-    engine.save_checkpoint(ckpt_path, model, meta)
-    if resume_path is not None and resume_path.exists():
-        resume_path.unlink()  # finished: the checkpoint is the record now
+    if distributed.is_main():
+        meta["world_size"] = distributed.world_size()
+        engine.save_checkpoint(ckpt_path, model, meta)
+        if resume_path is not None and resume_path.exists():
+            resume_path.unlink()  # finished: the checkpoint is the record now
+    distributed.barrier()
     return model, meta, history

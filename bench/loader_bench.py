@@ -1,0 +1,129 @@
+"""Training throughput of this repo's loop against a standard PyTorch input pipeline.
+
+Both feed the same model, batch size, precision and optimizer through engine.fit; only
+the input pipeline differs:
+  ours      : uint8 split resident on the device, crop/flip/normalise as batch tensor ops
+  standard  : torchvision ImageFolder + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize
+              per sample, DataLoader(num_workers = cores)
+It also splits our step time into input pipeline vs model compute.
+
+    python bench/loader_bench.py --model smallcnn --batch-size 256 --steps 40
+    python bench/loader_bench.py --model resnet18 --batch-size 512 --steps 100   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+from cli import add_runtime_args, run_main, setup_runtime  # noqa: E402
+from constants import DATASETS, UserError, data_root  # noqa: E402
+from datasets import Augment, Batch, BatchLoader, load_split  # noqa: E402
+from models import get_model  # noqa: E402
+
+
+class DataLoaderStream:
+    """A torch DataLoader as an engine stream (what a standard pipeline feeds the loop)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None)
+
+
+def standard_loader(folder: Path, batch_size: int, workers: int, pin: bool, mean, std):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(mean, std)])
+    return torch.utils.data.DataLoader(ImageFolder(str(folder), tf), batch_size=batch_size,
+                                       shuffle=True, num_workers=workers, pin_memory=pin,
+                                       drop_last=True, persistent_workers=workers > 0)
+
+
+def timed_fit(model, stream, cfg, steps, warmup):
+    """Images/s over `steps` training steps after `warmup` steps."""
+    engine.fit(model, stream, engine.TrainConfig(**{**cfg, "steps": warmup}), desc="warmup")
+    engine.sync(next(model.parameters()).device)
+    t0 = time.perf_counter()
+    engine.fit(model, stream, engine.TrainConfig(**{**cfg, "steps": steps}), desc="timed")
+    engine.sync(next(model.parameters()).device)
+    return time.perf_counter() - t0
+
+
+def input_pipeline_seconds(loader, steps, device):
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if i + 1 >= steps:
+            break
+    engine.sync(device)
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smallcnn")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--skip-standard", action="store_true")
+    add_runtime_args(p)
+    args = p.parse_args(argv)
+    device = setup_runtime(args)
+    info = DATASETS[args.dataset]
+    folder = data_root() / args.dataset / "train"
+    if not folder.is_dir() and not args.skip_standard:
+        raise UserError(f"the standard pipeline reads an ImageFolder at {folder}; set DATA_ROOT "
+                        "or pass --skip-standard")
+    amp = engine.resolve_amp(args.amp, device)
+    cfg = dict(lr=0.05, schedule="constant", amp=args.amp, compile=args.compile, log_every=10**9)
+    split = load_split(args.dataset, True)
+    ours = BatchLoader(split, batch_size=args.batch_size, shuffle=True, device=device,
+                       augment=Augment(), drop_last=True)
+    n_img = args.steps * args.batch_size
+
+    torch.manual_seed(0)
+    t_ours = timed_fit(get_model(args.model, info.num_classes).to(device), ours, cfg, args.steps, args.warmup)
+    t_input = input_pipeline_seconds(ours, args.steps, device)
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}, "
+          f"batch {args.batch_size}, bf16 autocast {amp}, steps {args.steps}")
+    print(f"ours      : {n_img / t_ours:9.1f} images/s  ({t_ours / args.steps * 1000:.1f} ms/step)")
+    print(f"  input pipeline (batching + augmentation + normalisation): "
+          f"{t_input / args.steps * 1000:.2f} ms/step = {100 * t_input / t_ours:.2f} % of step time")
+    if not args.skip_standard:
+        torch.manual_seed(0)
+        std_stream = DataLoaderStream(standard_loader(folder, args.batch_size, args.workers,
+                                                      device.type == "cuda", info.mean, info.std), device)
+        t_std = timed_fit(get_model(args.model, info.num_classes).to(device), std_stream, cfg,
+                          args.steps, args.warmup)
+        print(f"standard  : {n_img / t_std:9.1f} images/s  ({t_std / args.steps * 1000:.1f} ms/step, "
+              f"ImageFolder + DataLoader, {args.workers} workers)")
+        print(f"speed-up  : {t_std / t_ours:.2f}x")
+    if device.type == "cuda":
+        epoch = len(split) / (n_img / t_ours)
+        print(f"epoch time at this rate ({len(split)} images): {epoch:.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
