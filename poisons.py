@@ -102,7 +102,7 @@ def _check_data(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
 
 def apply_perturbation(x: torch.Tensor, delta: torch.Tensor, norm: str | None,
                        eps: float | None) -> torch.Tensor:
-    """x uint8 N×3×H×W plus delta (floats on the [0,1] scale, broadcastable to x) → uint8.
+    """x uint8 N×3×H×W plus delta (floats on the [0,1] scale; 3×H×W, 1×3×H×W or N×3×H×W) → uint8.
 
     Projects delta onto the ε-ball (L∞: clamp; L2: rescale), clips x+δ to [0,1], rounds half up
     to whole pixel values, then repairs what rounding broke: L∞ — any pixel whose rounded change
@@ -111,6 +111,14 @@ def apply_perturbation(x: torch.Tensor, delta: torch.Tensor, norm: str | None,
     with the smallest rounding error first, until the norm fits. norm=None: clip + round only.
     """
     _check_images(x)
+    if norm not in (None, "linf", "l2"):
+        raise UserError(f"norm must be 'linf', 'l2' or None, got {norm!r}")
+    if norm is not None and not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+        raise UserError(f"eps must be a positive number for norm {norm!r}, got {eps!r}")
+    if tuple(delta.shape) not in (tuple(x.shape[1:]), (1, *x.shape[1:]), tuple(x.shape)):
+        raise UserError(f"delta of shape {tuple(delta.shape)} does not fit images {tuple(x.shape)}")
+    if not torch.isfinite(delta).all():
+        raise UserError("delta contains NaN or inf")
     out = torch.empty_like(x)
     e = None if norm is None else eps * 255  # bound in pixel units
     for s in range(0, len(x), CHUNK):
@@ -122,7 +130,8 @@ def apply_perturbation(x: torch.Tensor, delta: torch.Tensor, norm: str | None,
         elif norm == "l2":
             n = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             d = d * torch.where(n > e, e / n, torch.ones_like(n))
-        t = (xc + d).clamp(0, 255) - xc      # exact change before rounding
+        t = torch.minimum(torch.maximum(d, -xc), 255 - xc)  # change after clipping; exact,
+        # unlike (x+d).clamp()-x, so equal deltas on different images round alike
         q = torch.floor(t + 0.5)             # round half up, like PNG writers
         if norm == "linf":
             q = torch.where(q.abs() > e + 1e-9, torch.trunc(t), q)
@@ -143,7 +152,7 @@ def _fix_l2(q: torch.Tensor, t: torch.Tensor, e: float) -> torch.Tensor:
     away = qb.abs() > tb.abs()                       # rounded away from the clean pixel
     err = (tb - tr).abs()                            # fractional part; switching costs 2·err−1
     key = torch.where(away, err, torch.full_like(err, math.inf))
-    order = key.argsort(dim=1)
+    order = key.argsort(dim=1, stable=True)  # equal images get equal repairs
     gain = torch.where(away, qb.pow(2) - tr.pow(2), torch.zeros_like(qb))
     cum = gain.gather(1, order).cumsum(1)
     excess = (sq[bad] - e * e * (1 + 1e-12)).unsqueeze(1)
@@ -373,7 +382,8 @@ def _ar_common(x, y, num_classes, seed, eps, norm, coeffs=None, required_respons
         xs = _ar_start(n * 3, rows, cols, g)
         _ar_fill(xs, wc, rows, cols)
         s = _to_images(xs, crop).double()
-        return s / (s.flatten(1).norm(dim=1) if norm == "l2" else s.flatten(1).abs().amax(1)).view(-1, 1, 1, 1)
+        size = s.flatten(1).norm(dim=1) if norm == "l2" else s.flatten(1).abs().amax(1)
+        return s / size.view(-1, 1, 1, 1)
 
     def delta(c, idx):
         d = sample(c, len(idx))
@@ -443,6 +453,13 @@ class PoisonSpec:
     classwise: bool       # one perturbation shared by every image of a class
 
 
+def _fixed(fn, **fixed):
+    """fn with some options fixed by the registry key; takes no further options."""
+    def run(x, y, num_classes, seed, eps):
+        return fn(x, y, num_classes, seed, eps, **fixed)
+    return run
+
+
 def _lsp_default_eps(shape) -> float:
     c, h, w = shape[-3:]
     return math.sqrt(c * h * w) * 6 / 255
@@ -454,11 +471,11 @@ GENERATORS: dict[str, PoisonSpec] = {
     "ar": PoisonSpec(_ar, "linf", LINF_8, False),
     "l2-ar": PoisonSpec(_l2_ar, "l2", 1.0, False),
     "cwrandom": PoisonSpec(_cwrandom, "linf", LINF_8, True),
-    "regions-4": PoisonSpec(lambda *a, **k: _regions(*a, **k, regions=4, norm="linf"), "linf", LINF_8, True),
-    "regions-16": PoisonSpec(lambda *a, **k: _regions(*a, **k, regions=16, norm="linf"), "linf", LINF_8, True),
-    "l2-regions-4": PoisonSpec(lambda *a, **k: _regions(*a, **k, regions=4, norm="l2"), "l2", 1.0, True),
-    "patches-4": PoisonSpec(lambda *a, **k: _patches(*a, **k, size=4), "linf", LINF_8, True),
-    "patches-8": PoisonSpec(lambda *a, **k: _patches(*a, **k, size=8), "linf", LINF_8, True),
+    "regions-4": PoisonSpec(_fixed(_regions, regions=4, norm="linf"), "linf", LINF_8, True),
+    "regions-16": PoisonSpec(_fixed(_regions, regions=16, norm="linf"), "linf", LINF_8, True),
+    "l2-regions-4": PoisonSpec(_fixed(_regions, regions=4, norm="l2"), "l2", 1.0, True),
+    "patches-4": PoisonSpec(_fixed(_patches, size=4), "linf", LINF_8, True),
+    "patches-8": PoisonSpec(_fixed(_patches, size=8), "linf", LINF_8, True),
 }
 
 
@@ -494,12 +511,13 @@ def generate(key: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, seed:
     if key not in GENERATORS:
         raise _unknown("poison", key, GENERATORS)
     _check_data(x, y, num_classes)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed must be an int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be a non-negative int, got {seed!r}")
     _, eps = resolve_bound(key, eps, x.shape)
     fn = GENERATORS[key].fn
-    allowed = [p for p in inspect.signature(fn).parameters if p not in
-               ("x", "y", "num_classes", "seed", "eps", "a", "k")]
+    allowed = [p.name for p in inspect.signature(fn).parameters.values()
+               if p.name not in ("x", "y", "num_classes", "seed", "eps")
+               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     for name in kw:
         if name not in allowed:
             raise UserError(f"{key} takes no option {name!r}; options: {', '.join(allowed) or 'none'}")
@@ -532,7 +550,7 @@ def import_tap(root, x, y, num_classes=None):
     out = torch.empty_like(x)
     for i in _progress(range(len(x)), "tap", len(x)):
         with Image.open(folder / f"{i}.png") as im:
-            a = np.asarray(im.convert("RGB"))
+            a = np.array(im.convert("RGB"))
         if a.shape != tuple(x.shape[2:]) + (3,):
             raise _expect(f"size of {folder / f'{i}.png'}", tuple(x.shape[2:]), a.shape[:2])
         out[i] = torch.from_numpy(a).permute(2, 0, 1)
@@ -741,7 +759,8 @@ def _check_pair(images, labels, where: str) -> None:
     _check_images(images, f"{where}: images")
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 \
             or labels.shape != (len(images),):
-        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        got = (f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor)
+               else type(labels).__name__)
         raise _expect(f"{where}: labels", f"int64 ({len(images)},)", got)
 
 
@@ -802,8 +821,9 @@ def timed_generate(key, x, y, num_classes, seed=0, eps=None, dataset: str = "", 
 
 def save_poison_grid(path_png, clean: torch.Tensor, poisoned: torch.Tensor, labels: torch.Tensor,
                      n_per_class: int = 1) -> Path:
-    """PNG with rows clean / perturbation (each min-max scaled to [0,1]) / poisoned, for the first
-    n_per_class images of every class present."""
+    """PNG with rows clean / perturbation / poisoned, for the first n_per_class images of every
+    class present. Each perturbation is scaled per image to [0,1] symmetrically (0 → mid-grey,
+    ±max|δ| → 0/1) so that its sign stays readable."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state
     from matplotlib.figure import Figure
 
@@ -820,8 +840,7 @@ def save_poison_grid(path_png, clean: torch.Tensor, poisoned: torch.Tensor, labe
     axes = fig.subplots(3, len(cols), squeeze=False)
     for j, i in enumerate(cols):
         d = poisoned[i].float() - clean[i].float()
-        span = d.max() - d.min()
-        d = (d - d.min()) / span if span > 0 else torch.full_like(d, 0.5)
+        d = d / (2 * d.abs().max()) + 0.5 if d.abs().max() > 0 else torch.full_like(d, 0.5)
         for r, img in enumerate((clean[i].float() / 255, d, poisoned[i].float() / 255)):
             ax = axes[r][j]
             ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
