@@ -72,12 +72,19 @@ class RunLogger:
             key = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SECRET")
             if key:
                 os.environ["WANDB_API_KEY"] = key  # wandb reads it from here; never printed
-            mode = "online" if key else "offline"
-            self.run = wandb.init(project=project, name=name, config=config, mode=mode,
-                                  reinit="finish_previous")
-        except Exception as e:  # no account, no network, no package: keep training
+            modes = ["online", "offline"] if key else ["offline"]
+        except Exception as e:  # no package: keep training
             warnings.warn(f"wandb disabled ({type(e).__name__}); pass -NL to silence this")
-            self.run = None
+            return
+        for mode in modes:  # a bad key or no network falls back to offline logging
+            try:
+                self.run = wandb.init(project=project, name=name, config=config, mode=mode,
+                                      reinit="finish_previous",
+                                      settings=wandb.Settings(init_timeout=60))
+                return
+            except Exception as e:
+                warnings.warn(f"wandb {mode} failed ({type(e).__name__}); "
+                              + ("trying offline" if mode == "online" else "logging disabled"))
 
     def log(self, data: dict) -> None:
         if self.run is not None:
