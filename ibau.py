@@ -69,10 +69,13 @@ def make_inner_map(model, x0, y0, step: float = 0.1, reg: float = 1e-3, clamp=No
     return fp_map
 
 
-def random_subset(batch_size: int, frac: float = 0.01, generator=None) -> torch.Tensor:
+def random_subset(batch_size: int, frac: float = 0.01, generator=None,
+                  min_count: int = 0) -> torch.Tensor:
     """The int(frac·B) images of a batch that get δ in L_outer (1 of 100 in the release;
-    0 for batches under 100, which turns the step into plain fine-tuning, as released)."""
-    return torch.randperm(batch_size, generator=generator)[:int(frac * batch_size)]
+    0 for batches under 100, which turns the step into plain fine-tuning, as released).
+    min_count raises that floor (defense.py uses 1, so δ always enters the outer loss)."""
+    n = min(batch_size, max(int(frac * batch_size), int(min_count)))
+    return torch.randperm(batch_size, generator=generator)[:n]
 
 
 def make_outer_loss(model, x, y, indices, clamp=None):
@@ -129,11 +132,13 @@ def fixed_point_hypergradient(params, hparams, K: int, fp_map, outer_loss,
 def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1,
                reg: float = 1e-3, perturb_frac: float = 0.01, delta_lr: float = 10.0,
                delta_optimizer: str = "sgd", radius: float | None = None, clamp=None,
-               generator: torch.Generator | None = None) -> dict:
+               generator: torch.Generator | None = None, min_perturbed: int = 0) -> dict:
     """One I-BAU round: fit δ, then one outer step per batch (zero_grad → hypergradient →
     step). Leaves the model in eval() mode. Returns {"delta", "outer_losses"}.
 
-    generator: CPU torch.Generator choosing the perturbed images of each outer batch."""
+    generator: CPU torch.Generator choosing the perturbed images of each outer batch.
+    min_perturbed: at least this many images per batch get δ (0 = the release, where a
+    batch under 100 images gets none and its step is plain fine-tuning)."""
     if K < 1:
         raise UserError(f"I-BAU needs K >= 1 fixed-point iterations, got {K}")
     model.eval()
@@ -146,7 +151,8 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
 
     for batch in batches:
         x, y = batch[0], batch[1]
-        outer = make_outer_loss(model, x, y, random_subset(len(x), perturb_frac, generator), clamp)
+        outer = make_outer_loss(model, x, y, random_subset(len(x), perturb_frac, generator,
+                                                         min_perturbed), clamp)
 
         def recorded(params, hp, outer=outer):
             loss = outer(params, hp)

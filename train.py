@@ -3,7 +3,9 @@
     python train.py --model resnet18 --dataset cifar10 --lr 0.1
     python train.py --model resnet18 --dataset cifar100 --cf 7        # without class 7
     python train.py --model resnet18 --dataset svhn --unlr 0.1        # without 10 % of train
-    python train.py --model smallcnn --epochs 4 --batch-size 512 --lr 0.2 --schedule linear
+    torchrun --nproc_per_node 4 train.py --model resnet18     # DDP, one shard per rank
+    python train.py --model smallcnn --subset 5000 --poison lsp    # on an availability poison
+    python train.py --model smallcnn --subset 5000 --poison-file <file from make_poison.py>
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import engine
+from attacks import add_attack_args, backdoor_metrics, poison_from_args
 from cli import RunLogger, add_runtime_args, run_main, setup_runtime
 from constants import UserError, canonical_dataset_name, checkpoint_dir, results_dir
 from datasets import Augment, write_index_json
-from models import canonical_model_name
+from models import canonical_model_name, expects_normalized
 from reporting import write_json
 from training import DataSpec, prepare_data, train_classifier
 
@@ -57,14 +61,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--comment", default=None, help="tag in the default checkpoint name")
     s.add_argument("--no-resume", action="store_true", help="ignore and do not write resume state")
     s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    a = p.add_argument_group("availability poison (train on a poisoned training set; not with --attack)")
+    a.add_argument("--poison", default=None, metavar="KEY",
+                   help="lsp, ops, ar, l2-ar, cwrandom, regions-4, regions-16, l2-regions-4, patches-4, "
+                        "patches-8 (generated and cached when missing), error-min, error-min-CW, "
+                        "error-max (make_poison.py first), clean, or an imported name; "
+                        "--poison-seed N picks the generation seed (default 0)")
+    a.add_argument("--poison-file", default=None,
+                   help="a poison file from make_poison.py (e.g. a --subset/--recipe small variant)")
+    add_attack_args(p)
     add_runtime_args(p)
     return p
 
 
-def default_tag(args) -> str:
+def availability_poison(args, data):
+    """(loader overrides, checkpoint-meta record, name tag) for --poison/--poison-file, or None.
+    Only the images being trained on (data.retain_idx) are replaced."""
+    if args.poison is None and args.poison_file is None:
+        return None
+    import poisons
+    from datasets import balanced_subset
+
+    seed = 0 if args.poison_seed is None else args.poison_seed
+    key = args.poison or "file"
+    images, labels, meta = poisons.poisoned_train_set(key, data.spec.dataset, seed=seed,
+                                                      path=args.poison_file, split=data.train)
+    if args.poison and args.poison_file and meta.get("key") != args.poison:
+        raise UserError(f"--poison-file {args.poison_file} holds poison {meta.get('key')!r}, "
+                        f"not {args.poison!r}; drop --poison or pass the right file")
+    idx = data.retain_idx
+    overrides = {} if key == "clean" and args.poison_file is None else {"replace": (idx, images[idx])}
+    if not torch.equal(labels, data.train.y):
+        overrides["labels"] = labels  # a poison with its own labels (NTGA)
+    covered = 1.0
+    if meta.get("subset"):  # generated on a --subset draw only
+        pool = balanced_subset(data.train.y, int(meta["subset"]), int(meta.get("split_seed") or 0))
+        covered = float(torch.isin(idx, pool).float().mean()) if len(idx) else 1.0
+        if covered < 1:
+            print(f"warning: the poison covers a --subset {meta['subset']} draw; only "
+                  f"{100 * covered:.1f}% of the {len(idx)} training images are poisoned "
+                  f"(train with the same --subset/--split-seed to poison all)")
+    path = (Path(args.poison_file) if args.poison_file
+            else poisons.poison_cache_path(key, data.train.name, len(data.train), seed))
+    record = {"key": meta.get("key"), "seed": meta.get("seed"), "eps": meta.get("eps"),
+              "norm": meta.get("norm"), "file": str(path), "recipe": meta.get("recipe"),
+              "subset": meta.get("subset"), "poisoned_fraction": covered}
+    tag = (f"{key}-pseed{seed}" if seed else key) if args.poison_file is None else f"pfile-{path.stem}"
+    return overrides, record, tag
+
+
+def default_tag(args, poison=None, avail_tag: str | None = None) -> str:
     if args.comment:
         return args.comment
-    parts = []
+    parts = [poison.tag] if poison is not None else []
+    if avail_tag:
+        parts.append(avail_tag)
     if args.cf is not None:
         parts.append(f"cf{args.cf}")
     elif args.unlr is not None:
@@ -101,21 +152,41 @@ def main(argv=None):
     cfg = train_config(args)
     spec = DataSpec(args.dataset, args.subset, args.val_frac, args.split_seed,
                     args.cf, args.unlr, args.itf, args.download)
+    if (args.poison is not None or args.poison_file is not None) and args.attack is not None:
+        raise UserError("--poison/--poison-file (availability poison) and --attack (backdoor) are "
+                        "mutually exclusive; pick one")
     data = prepare_data(spec, seed=args.seed)
+    avail = availability_poison(args, data)
+    if avail is not None:
+        args.poison_seed = None  # it named the availability poison's seed, not a backdoor's
+    poison = poison_from_args(args, data.train, data.retain_idx, data.num_classes)
     model_name, ds = canonical_model_name(args.model), canonical_dataset_name(args.dataset)
-    ckpt = Path(args.out) if args.out else checkpoint_dir() / f"{model_name}_{ds}_{default_tag(args)}.pt"
+    ckpt = Path(args.out) if args.out else checkpoint_dir() / f"{model_name}_{ds}_{default_tag(args, poison, avail and avail[2])}.pt"
     if ckpt.exists() and not args.force:
         print(f"{ckpt} exists; pass --force to retrain")
         return 0
-    logger = RunLogger(not args.no_log, args.wandb_project, ckpt.stem, {**vars(args)})
-    write_index_json(ckpt.with_name(ckpt.stem + "_forget.json"), data.forget_idx,
-                     dataset=ds, split="train", cf=args.cf, unlr=args.unlr)
+    main_rank = distributed.is_main()
+    logger = RunLogger(not args.no_log and main_rank, args.wandb_project, ckpt.stem, {**vars(args)})
+    if main_rank:
+        write_index_json(ckpt.with_name(ckpt.stem + "_forget.json"), data.forget_idx,
+                         dataset=ds, split="train", cf=args.cf, unlr=args.unlr)
     augment = None if not args.no_augment else Augment(crop=0, flip=False)
     model, meta, history = train_classifier(
         model_name, data, cfg, device=device, batch_size=args.batch_size, seed=args.seed,
         ckpt_path=ckpt, augment=augment, logger=logger, resume=not args.no_resume,
-        extra_meta={"argv": sys.argv[1:] if argv is None else list(argv)})
+        extra_meta={"argv": sys.argv[1:] if argv is None else list(argv),
+                    **({"attack": poison.meta} if poison else {}),
+                    **({"poison": avail[1]} if avail else {})},
+        loader_overrides=poison.loader_overrides if poison else (avail[0] if avail else None))
+    if poison is not None:  # clean accuracy and ASR on the full test split, into the meta
+        meta["backdoor"] = backdoor_metrics(model, data.test, torch.arange(len(data.test)), poison.meta,
+                                            normalize=expects_normalized(model_name), device=device)
+        engine.save_checkpoint(ckpt, model, meta)
+        print("backdoor: " + ", ".join(f"{k} {v:.2f}" for k, v in meta["backdoor"].items()
+                                       if isinstance(v, float)))
     logger.finish()
+    if not main_rank:
+        return 0
     out = results_dir() / "train" / f"{ckpt.stem}.json"
     write_json(out, {"checkpoint": str(ckpt), "meta": meta, "history": history,
                      "device": str(device), "torch": torch.__version__})

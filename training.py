@@ -89,9 +89,12 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
                      device, batch_size: int, seed: int, ckpt_path: Path,
                      extra_meta: dict | None = None, augment: Augment | None = None,
                      eval_batch_size: int = 1024, logger=None, resume: bool = True,
-                     on_epoch_end=None, loader_overrides: dict | None = None):
+                     on_epoch_end=None, loader_overrides: dict | None = None,
+                     loss_fn=None):
     """Train from scratch on `data.retain_idx`, evaluate each epoch on val/test, and save
-    `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`."""
+    `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`.
+    `loss_fn` (default cross-entropy) is passed to engine.fit, e.g. a CutMix loss;
+    `on_epoch_end(epoch, record, model)` runs after every epoch (e.g. per-epoch checkpoints)."""
     num_classes = data.num_classes
     model = build_model(model_name, num_classes, device, seed)
     loader = make_loader(data, "train", data.retain_idx, model_name=model_name,
@@ -116,8 +119,11 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     meta["config_hash"] = config_hash(meta)
     resume_path = Path(f"{ckpt_path}.resume-{meta['config_hash']}.pt") if resume else None
     t0 = time.perf_counter()
-    history = engine.fit(model, loader, cfg, evaluate=evaluate, resume_path=resume_path,
-                         on_epoch_end=on_epoch_end, desc=f"{meta['model']}/{meta['dataset']}")
+    history = engine.fit(model, loader, cfg, loss_fn=loss_fn or engine.cross_entropy_loss,
+                         evaluate=evaluate, resume_path=resume_path,
+                         on_epoch_end=None if on_epoch_end is None else (
+                             lambda epoch, record: on_epoch_end(epoch, record, model)),
+                         desc=f"{meta['model']}/{meta['dataset']}")
     seconds = time.perf_counter() - t0
     final = history[-1] if history else {}
     meta.update({"epochs_done": final.get("epoch", 0), "test_acc": final.get("test_acc"),
