@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# "What Can We Learn from Unlearnable Datasets?" at small scale on a 2-core CPU (no GPU): the
+# commands behind the DFR and orthogonal-projection tables of issue #5. Every heavy step takes
+# the shared CPU lock. Usage: bash exp/lfu_cpu.sh [dfr|op|sep|all]   (from the repo root)
+# Tables: python exp/summarize_lfu.py
+set -euo pipefail
+export DATA_ROOT=${DATA_ROOT:-/work/shared/data}
+export CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/lfu}
+export RESULTS_DIR=${RESULTS_DIR:-results/lfu}
+LOCK=${LOCK:-/tmp/cpu.lock}
+SEEDS=${SEEDS:-"0 1 2"}
+OP_SEEDS=${OP_SEEDS:-"0"}
+RT="--device cpu -NL"
+step=${1:-all}
+
+if [[ $step == dfr || $step == all ]]; then
+  for s in $SEEDS; do  # smallcnn on 20k OPS-poisoned images, 10 epochs, a checkpoint per epoch
+    flock "$LOCK" python dfr_step_1.py ops --model smallcnn --subset 20000 --epochs 10 --seed "$s" $RT
+    flock "$LOCK" python dfr_step_2.py ops --model smallcnn --subset 20000 --seed "$s" --epoch all \
+      --random_init --num_dfr_train 5000 $RT
+  done
+fi
+if [[ $step == op || $step == all ]]; then
+  for p in ops lsp; do  # the linear model on the same 20k poisoned images
+    flock "$LOCK" python orthogonal_projection_step_1.py $p --subset 20000 $RT
+  done
+  for s in $OP_SEEDS; do  # smallcnn, 15 epochs (milestones 7, 11), CutMix + strong augmentation
+    C="--model smallcnn --subset 20000 --epochs 15 --seed $s $RT"
+    flock "$LOCK" python orthogonal_projection_step_2.py clean --no-project $C
+    for p in ops lsp; do
+      flock "$LOCK" python orthogonal_projection_step_2.py $p --no-project $C
+      flock "$LOCK" python orthogonal_projection_step_2.py $p $C
+    done
+  done
+fi
+if [[ $step == sep || $step == all ]]; then
+  for p in clean ops lsp cwrandom; do  # 10k perturbations, 100 L-BFGS steps (500 on a GPU)
+    flock "$LOCK" python test_linear_separability.py $p --subset 10000 --steps 100 $RT
+  done
+fi

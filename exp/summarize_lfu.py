@@ -1,0 +1,92 @@
+"""Tables of exp/lfu_cpu.sh: DFR (final and peak checkpoint, per seed and mean ± std), orthogonal
+projection (clean / poisoned / projected test accuracy and the share of the gap won back), and
+linear separability. Usage: python exp/summarize_lfu.py [RESULTS_DIR]  (default results/lfu)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from reporting import markdown_table, mean_std, write_tables  # noqa: E402
+
+
+def load(path: Path):
+    return json.loads(path.read_text())
+
+
+def dfr_table(root: Path) -> str:
+    rows, deltas = [], {"final": [], "peak": []}
+    for summary in sorted(root.glob("dfr/*/*/num_dfr=*/*/summary.json")):
+        s = load(summary)
+        run = summary.parents[2].name
+        final = len(s["epochs"]) - 1
+        gain_final = s["dfr_test_acc"][final] - s["test_acc"][final]
+        peak_i = max(range(len(s["epochs"])), key=lambda i: s["dfr_test_acc"][i])
+        deltas["final"].append((s["test_acc"][final], s["dfr_test_acc"][final], gain_final))
+        deltas["peak"].append((s["test_acc"][peak_i], s["dfr_test_acc"][peak_i],
+                               s["dfr_test_acc"][peak_i] - s["test_acc"][peak_i]))
+        rows.append({"poison": s["poison"], "run": run, "mode": s["mode"],
+                     "final epoch": s["epochs"][final], "test acc": s["test_acc"][final],
+                     "after DFR": s["dfr_test_acc"][final], "gain": gain_final,
+                     "peak DFR (epoch)": f"{s['dfr_test_acc'][peak_i]:.2f} ({s['epochs'][peak_i]})",
+                     "DFR on random init": s.get("random_init_dfr_test_acc")})
+    for which, vals in deltas.items():
+        if len(vals) > 1:
+            cols = list(zip(*vals))
+            ms = [mean_std(c) for c in cols]
+            rows.append({"poison": "mean ± std", "run": f"{len(vals)} seeds, {which} checkpoint",
+                         "test acc": f"{ms[0][0]:.2f} ± {ms[0][1]:.2f}",
+                         "after DFR": f"{ms[1][0]:.2f} ± {ms[1][1]:.2f}",
+                         "gain": f"{ms[2][0]:.2f} ± {ms[2][1]:.2f}"})
+    return write_tables(rows, root / "table_dfr") if rows else ""
+
+
+def op_table(root: Path) -> str:
+    runs = {}
+    for f in sorted((root / "orthogonal_projection").glob("*.json")):
+        if f.stem.endswith(("_linear",)):
+            continue
+        r = load(f)
+        m = r["meta"]
+        runs[(m["poison"], m["project"], m["seed"])] = r["test_acc"]
+    rows = []
+    seeds = sorted({k[2] for k in runs})
+    for poison in sorted({k[0] for k in runs} - {"clean"}):
+        for s in seeds:
+            clean, pois, proj = (runs.get(("clean", False, s)), runs.get((poison, False, s)),
+                                 runs.get((poison, True, s)))
+            row = {"poison": poison, "seed": s, "clean training": clean, "poison, no projection": pois,
+                   "poison, orthogonal projection": proj}
+            if None not in (clean, pois, proj):
+                row["gap won back (%)"] = 100 * (proj - pois) / (clean - pois) if clean != pois else None
+                row["projected − clean"] = proj - clean
+            rows.append(row)
+    for f in sorted((root / "orthogonal_projection").glob("*_linear.json")):
+        r = load(f)
+        rows.append({"poison": f"{r['poison']} (linear model, step 1)", "seed": r["seed"],
+                     "poison, no projection": r["train_acc"], "clean training": None,
+                     "poison, orthogonal projection": None,
+                     "gap won back (%)": None, "projected − clean": r["clean_test_acc"]})
+    return write_tables(rows, root / "table_op") if rows else ""
+
+
+def sep_table(root: Path) -> str:
+    rows = []
+    for f in sorted((root / "linear_separability").glob("*.json")):
+        r = load(f)
+        rows.append({"poison": r["poison"], "n": r["n"], "hidden layers": r["hidden_layers"],
+                     "L-BFGS steps": r["steps"], "final train acc": r["final_train_acc"],
+                     "seconds": r["seconds"]})
+    return write_tables(rows, root / "table_sep") if rows else ""
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "results/lfu")
+    for name, fn in (("DFR", dfr_table), ("Orthogonal projection", op_table),
+                     ("Linear separability", sep_table)):
+        md = fn(root)
+        if md:
+            print(f"## {name}\n\n{md}")
+    _ = markdown_table
