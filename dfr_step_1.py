@@ -24,24 +24,17 @@ from datasets import Augment
 from models import canonical_model_name
 from reporting import write_json
 from training import DataSpec, prepare_data, train_classifier
-from unlearnable import add_poison_args, dfr_checkpoint_folder, poison_overrides
+from unlearnable import (add_model_args, add_poison_args, add_sgd_args, dfr_checkpoint_folder,
+                         poison_overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_poison_args(p)
-    p.add_argument("--model", default="resnet18", help="resnet18, preactresnet18, resnet9, wrn28_10, "
-                   "small_vgg, smallcnn, or a timm model name (default: resnet18)")
-    p.add_argument("--seed", type=int, default=0, help="model init, shuffling and augmentation")
-    p.add_argument("--val-frac", type=float, default=0.0,
-                   help="stratified clean validation split held out of training (default 0: all)")
-    o = p.add_argument_group("optimisation (default: the paper's; SGD momentum 0.9)")
-    o.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
-    o.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    add_model_args(p, "model init, shuffling and augmentation")
+    o = add_sgd_args(p, "optimisation (default: the paper's; SGD momentum 0.9)", epochs=60, batch_size=128)
     o.add_argument("--scheduler", choices=["cosine", "step", "multistep"], default="cosine",
                    help="cosine (per step); step: x0.1 every 50 epochs; multistep: x0.1 at 75, 90, 100")
-    o.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128,
-                   help="batch size (default 128)")
     o.add_argument("--weight_decay", "--wd", dest="weight_decay", type=float, default=5e-4,
                    help="weight decay (default 5e-4)")
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")

@@ -24,18 +24,15 @@ from constants import UserError, canonical_dataset_name, results_dir
 from datasets import BatchLoader
 from reporting import write_json
 from training import DataSpec, prepare_data
-from unlearnable import (add_poison_args, fit_class_weights, linear_model_path, poison_overrides,
+from unlearnable import (add_poison_args, add_sgd_args, fit_class_weights, linear_model_path, poison_overrides,
                          save_weight_grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_poison_args(p, what="recover")
-    o = p.add_argument_group("optimisation (default: the paper's)")
-    o.add_argument("--epochs", type=int, default=20, help="milestones at 50%% and 75%% (default 20)")
-    o.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
-    o.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1024,
-                   help="batch size (default 1024)")
+    o = add_sgd_args(p, "optimisation (default: the paper's)", epochs=20, batch_size=1024,
+                     epochs_help="milestones at 50%% and 75%%")
     o.add_argument("--seed", type=int, default=0, help="initialisation of the linear model")
     s = p.add_argument_group("output")
     s.add_argument("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", default=None,

@@ -34,19 +34,15 @@ from datasets import Augment
 from models import canonical_model_name
 from reporting import write_json
 from training import DataSpec, prepare_data, train_classifier
-from unlearnable import (CutMixLoss, OrthogonalProjection, StrongAugment, add_poison_args,
-                         linear_model_path, load_class_weights, milestones_at, poison_overrides,
+from unlearnable import (CutMixLoss, OrthogonalProjection, StrongAugment, add_model_args,
+                         add_poison_args, add_sgd_args, linear_model_path, load_class_weights, milestones_at, poison_overrides,
                          run_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_poison_args(p)
-    p.add_argument("--model", default="resnet18", help="resnet18, preactresnet18, resnet9, wrn28_10, "
-                   "small_vgg, smallcnn, or a timm model name (default: resnet18)")
-    p.add_argument("--seed", type=int, default=0, help="model init, shuffling, augmentation, CutMix")
-    p.add_argument("--val-frac", type=float, default=0.0,
-                   help="stratified clean validation split held out of training (default 0)")
+    add_model_args(p, "model init, shuffling, augmentation, CutMix")
     m = p.add_argument_group("projection")
     m.add_argument("--no-project", action="store_true", help="train on the poison as it is (baseline)")
     m.add_argument("--linear-ckpt", default=None,
@@ -54,11 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "puts it for this poison/--dataset/--subset)")
     m.add_argument("--checkpoint_dir", "--checkpoint-dir", dest="checkpoint_dir", default=None,
                    help="step 1's --checkpoint_dir, and the root of this step's checkpoint")
-    o = p.add_argument_group("optimisation (default: the paper's)")
-    o.add_argument("--epochs", type=int, default=50, help="training epochs (default 50)")
-    o.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
-    o.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=128,
-                   help="batch size (default 128)")
+    o = add_sgd_args(p, "optimisation (default: the paper's)", epochs=50, batch_size=128)
     o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     o.add_argument("--weight_decay", "--wd", dest="weight_decay", type=float, default=1e-4,
                    help="weight decay (default 1e-4)")

@@ -64,6 +64,25 @@ def add_poison_args(p, what: str = "train on") -> None:
     g.add_argument("--split-seed", type=int, default=0, help="seed of --subset")
 
 
+def add_model_args(p, seed_help: str) -> None:
+    """--model, --seed and --val-frac: the network the poisoned data trains (shared by the scripts)."""
+    p.add_argument("--model", default="resnet18", help="resnet18, preactresnet18, resnet9, wrn28_10, "
+                   "small_vgg, smallcnn, or a timm model name (default: resnet18)")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--val-frac", type=float, default=0.0,
+                   help="stratified clean validation split held out of training (default 0: all)")
+
+
+def add_sgd_args(p, title: str, *, epochs: int, batch_size: int, epochs_help: str = "training epochs"):
+    """--epochs, --lr, --batch_size (SGD, the paper's spellings); returns the group for more."""
+    o = p.add_argument_group(title)
+    o.add_argument("--epochs", type=int, default=epochs, help=f"{epochs_help} (default {epochs})")
+    o.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
+    o.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=batch_size,
+                   help=f"batch size (default {batch_size})")
+    return o
+
+
 def poison_overrides(key: str, data, seed: int = 0, path=None) -> tuple[dict, dict]:
     """(BatchLoader overrides putting poison `key` in place of data.retain_idx, poison meta)."""
     import poisons

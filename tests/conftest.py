@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REAL_CIFAR = Path(os.environ.get("DATA_ROOT", "../shared/data")) / "cifar10"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -52,3 +53,12 @@ def tiny_env(tiny_root, tmp_path, monkeypatch) -> Path:
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors on a shared 2-core box: threading only adds contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

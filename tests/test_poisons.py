@@ -16,13 +16,7 @@ CHEAP = [k for k in P.GENERATORS if k not in P.EXPENSIVE]  # the surrogate-train
 BOUNDED = [k for k in CHEAP if P.GENERATORS[k].norm is not None]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared 2-core box: threading only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
