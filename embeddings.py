@@ -104,6 +104,17 @@ class Features:
         return self.meta.get("class_to_forget")
 
 
+def feature_parser(doc: str, out_help: str):
+    """The arguments every analysis script over feature files shares: folders, -S, --out."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", help="folders of feature files (or single files)")
+    p.add_argument("-S", "--samples", type=int, default=200, help="samples per file (default 200)")
+    p.add_argument("--out", default=None, help=out_help)
+    return p
+
+
 def feature_groups(folders: list[str]) -> dict[str, list[tuple[Path, Features]]]:
     """{file stem: [(folder, Features), ...]}: files of the same name in several folders
     (e.g. base/seed0.json, SalUn/seed0.json, Retrain/seed0.json) are compared together."""

@@ -12,7 +12,6 @@ prototypes (magenta X for the forgotten class). Output, mirroring the input fold
 """
 from __future__ import annotations
 
-import argparse
 import io
 from pathlib import Path
 
@@ -28,10 +27,7 @@ from constants import DATASETS, UserError, results_dir  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", help="folders of feature files (or single files)")
-    p.add_argument("-S", "--samples", type=int, default=200, help="samples per file (default 200)")
-    p.add_argument("--out", default=None, help="output root (default RESULTS_DIR/images)")
+    p = E.feature_parser(__doc__, "output root (default RESULTS_DIR/images)")
     p.add_argument("--highlight", type=int, default=None, help="class to emphasise (default: forgotten class)")
     p.add_argument("--proto", action="store_true", help="add the class prototypes to the embedding")
     p.add_argument("--perplexity", type=float, default=30.0)

@@ -12,7 +12,6 @@ order) the difference W[later] - W[earlier] is drawn too. Output: <out>/<name>/<
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -29,10 +28,7 @@ from constants import UserError, results_dir  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", help="folders of feature files (or single files)")
-    p.add_argument("-S", "--samples", type=int, default=200, help="samples per file (default 200)")
-    p.add_argument("--out", default=None, help="output folder (default RESULTS_DIR/images/wasserstein)")
+    p = E.feature_parser(__doc__, "output folder (default RESULTS_DIR/images/wasserstein)")
     p.add_argument("--backend", choices=["auto", "scipy", "pot"], default="auto")
     return p
 
