@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import engine
 import methods
 import metrics as MX
@@ -610,6 +611,36 @@ def plan_lines(exps: list[dict], runner_paths) -> list[str]:
     return lines
 
 
+CORRECTIVE_DATA_KEYS = ("dataset_method", "forget_set_size", "deletion_size", "patch_size")
+
+
+def prepare_shared_models(runner: Runner, jobs: list[tuple[int, dict, int]]) -> None:
+    """Under torchrun, before any run: every base model and retrain reference the runs need
+    is trained (and cached) by exactly one rank, the others wait; the runs then only read
+    these caches, so no two ranks train or write the same file."""
+    # corrective experiments (dataset_method) have one base model per seed, the others one
+    base_args = [(exp, exp["seed"] + r) if exp.get("dataset_method") else (exp,) for _, exp, r in jobs]
+    bases = [a for a in base_args if not a[0]["checkpoint"]]
+    for n in distributed.share_out([str(runner.base_path(*a)) for a in bases]):
+        runner.base_model(*bases[n])
+    distributed.wait_all()
+    refs, keys = [], []
+    for (_, exp, r), args in zip(jobs, base_args):
+        seed = exp["seed"] + r
+        is_reference = exp["method_name"] == "retrain" and exp["params"].get("k", -1) == -1 and not exp["use_mask"]
+        if exp["avg_gap"] or is_reference:  # as in Runner.run
+            recipe = runner.base_model(*args)[2]
+            refs.append((exp, seed, recipe))
+            # what fixes the retain set, hence the cache file (a finer key than the file name
+            # at worst trains a model twice; atomic writes make that harmless)
+            data = [asdict(data_spec(exp)), {k: exp.get(k) for k in CORRECTIVE_DATA_KEYS}]
+            keys.append(json.dumps([exp["model"], data, seed, recipe], sort_keys=True, default=str))
+    for n in distributed.share_out(keys):
+        exp, seed, recipe = refs[n]
+        runner.reference(exp, runner.data(exp, seed), seed, recipe)
+    distributed.wait_all()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_methods:
@@ -636,11 +667,18 @@ def main(argv=None) -> int:
     device = setup_runtime(args)
     runner = Runner(args, device, out_dir, args.amp)
     runs_file = out_dir / "runs.jsonl"
-    started = time.strftime("%Y%m%d_%H%M%S")
+    started = distributed.gather_all(time.strftime("%Y%m%d_%H%M%S"))[0]
+    split = distributed.global_world_size() > 1  # torchrun: the runs are shared out among ranks
+    if split:  # this rank's records as it goes; rank 0 merges them into runs.jsonl at the end
+        runs_file = out_dir / f"runs.{started}.rank{distributed.global_rank()}.jsonl"
     t0 = time.perf_counter()
+    jobs = [(i, exp, r) for i, exp in enumerate(exps, 1) for r in range(exp["nexp"])]
     records = []
-    for i, exp in enumerate(exps, 1):
-        for r in range(exp["nexp"]):
+    with distributed.independent():  # each rank trains its own models, no DDP
+        if split:
+            prepare_shared_models(runner, jobs)
+        for j in distributed.share_out(range(len(jobs))):
+            i, exp, r = jobs[j]
             seed = exp["seed"] + r
             print(f"\n=== experiment {i}/{len(exps)} '{exp['tag']}', seed {seed} ===")
             logger = RunLogger(not args.no_log, args.wandb_project,
@@ -651,8 +689,17 @@ def main(argv=None) -> int:
             append_jsonl(runs_file, record)
             logger.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
             logger.finish()
-            records.append(record)
+            records.append((j, record))
             print("  " + ", ".join(f"{k}={record[k]:.2f}" for k in METRICS if isinstance(record.get(k), float)))
+    records = distributed.merge_in_order(records)  # every run, in the single-process order
+    if split:
+        if distributed.global_rank() != 0:
+            return 0
+        for record in records:
+            append_jsonl(out_dir / "runs.jsonl", record)
+        for part in out_dir.glob(f"runs.{started}.rank*.jsonl"):
+            part.unlink()
+        runs_file = out_dir / "runs.jsonl"
     wall = time.perf_counter() - t0
     rows = summary_rows(records)
     md = write_tables(rows, out_dir / "summary")
