@@ -6,8 +6,13 @@
     python main.py -L exp/table1_cifar10_random10.json --dry-run   # validate, show the plan
 
 A JSON file is a list of experiments (dicts), or {"defaults": {...}, "experiments": [...]}.
-Each experiment names exactly one forget specifier: class_to_forget, unlearning_rate or
-idxs_to_forget. `--nexp N` (or the key `nexp`) repeats it with seeds seed ... seed+N-1 (a
+Each experiment names exactly one forget specifier: class_to_forget, unlearning_rate,
+idxs_to_forget, or dataset_method (corrective unlearning: a manipulated training set, of
+which the unlearner is handed deletion_size of the forget_set_size manipulated samples; the
+manipulated model is trained once per configuration and seed and cached; see corrective.py
+and the README's "Corrective unlearning"; the corrective README's flags --dataset_method,
+--forget_set_size, --deletion_size, --pretrain_iters, --unlearn_method, --unlearn_iters, ...
+are accepted too). `--nexp N` (or the key `nexp`) repeats it with seeds seed ... seed+N-1 (a
 random forget set is drawn per seed). Without `checkpoint`, the base model the experiment
 describes (`model`, `dataset`, `subset`, the `base` recipe) is trained once and cached; the
 `retrain` reference (for Avg. Gap) is trained per seed on the retain set with the same
@@ -36,6 +41,7 @@ from pathlib import Path
 import torch
 
 import distributed
+import corrective
 import engine
 import methods
 import metrics as MX
@@ -63,6 +69,16 @@ KEYS: dict[str, tuple] = {
     "class_to_forget": (OPT_INT, None, "forget every training image of this class"),
     "unlearning_rate": (OPT_FLOAT, None, "forget this fraction of the training set (per seed)"),
     "idxs_to_forget": (OPT_STR, None, "JSON file with the training indices to forget"),
+    "dataset_method": (OPT_STR, None, "corrective: poisoning | interclasslabelswap | randomlabelswap"),
+    "forget_set_size": (OPT_INT, None, "corrective: |S_m|, manipulated training samples (default 500)"),
+    "deletion_size": (OPT_INT, None, "corrective: |S_f| <= |S_m| handed to the unlearner (default all)"),
+    "patch_size": (OPT_INT, None, "corrective poisoning: side of the trigger square (default 3)"),
+    "num_classes": (OPT_INT, None, "checked against the dataset (corrective README flag)"),
+    "unlearn_method": (OPT_STR, None, "alias of method (wins over it)"),
+    "unlearn_iters": (OPT_INT, None, "alias of steps: unlearning iteration budget (wins over it)"),
+    "unlearn_lr": (OPT_FLOAT, None, "alias of lr (wins over it)"),
+    "pretrain_iters": (OPT_INT, None, "sets base.steps: iterations of the (manipulated) base model"),
+    "pretrain_lr": (OPT_FLOAT, None, "sets base.lr"),
     "use_mask": (bool, False, "apply the SalUn saliency mask (method salun always does)"),
     "mask_thr": (float, 0.5, "share of weights the mask lets change (global top |grad|)"),
     "load_mask": (OPT_STR, None, "use this saved mask instead of computing one"),
@@ -91,10 +107,19 @@ KEYS: dict[str, tuple] = {
     "save_model": (bool, False, "save the unlearned model under <results>/models/"),
     "eval_batch_size": (int, 1024, "evaluation batch size"),
 }
-FORGET_KEYS = ("class_to_forget", "unlearning_rate", "idxs_to_forget")
+FORGET_KEYS = ("class_to_forget", "unlearning_rate", "idxs_to_forget", "dataset_method")
+KEY_ALIASES = {"unlearn_method": "method", "unlearn_iters": "steps", "unlearn_lr": "lr"}
+BASE_ALIASES = {"pretrain_iters": "steps", "pretrain_lr": "lr"}
+CORRECTIVE_KEYS = ("forget_set_size", "deletion_size", "patch_size")
+# the corrective paper's recipe (SGD lr 0.025, batch 512, per-step linear warm-up and decay),
+# the defaults of corrective experiments for what they do not set
+CORRECTIVE_DEFAULTS = {"lr": 0.025, "batch_size": 512, "schedule": "linear", "warmup": 0.01,
+                       "steps": 1000, "avg_gap": False, "forget_set_size": 500, "patch_size": 3}
+CORRECTIVE_BASE_DEFAULTS = {"steps": 7500, "lr": 0.025, "batch_size": 512, "schedule": "linear",
+                            "warmup": 0.01}
 # method hyper-parameters (top-level keys; each method accepts only its own)
 PARAM_KEYS = sorted({k for m in methods.METHODS.values() for k in m.params})
-PARAM_TYPES = {"k": (int,), "samples": (int,), "no_l1_epochs": (int,)}
+PARAM_TYPES = {"k": (int,), "samples": (int,), "no_l1_epochs": (int,), "msteps": (int,)}
 
 BASE_KEYS: dict[str, tuple] = {  # the official SalUn recipe for the original model
     "epochs": (int, 182), "steps": (OPT_INT, None), "lr": (float, 0.1), "batch_size": (int, 256),
@@ -103,9 +128,11 @@ BASE_KEYS: dict[str, tuple] = {  # the official SalUn recipe for the original mo
     "warmup": (float, 0.0), "augment": (bool, True), "seed": (OPT_INT, None),
 }
 
-METRICS = ["UA", "RA", "TA", "MIA", "MIA_RF", "gap", "time_s"]
+METRICS = ["UA", "RA", "TA", "MIA", "MIA_RF", "gap", "Acc_corr", "Acc_retain", "ASR", "acc_Sm",
+           "acc_Sf", "time_s"]
 HEADERS = {"UA": "UA", "RA": "RA", "TA": "TA", "MIA": "MIA", "MIA_RF": "MIA-RF",
-           "gap": "Avg. Gap", "time_s": "time (s)"}
+           "gap": "Avg. Gap", "Acc_corr": "Acc_corr", "Acc_retain": "Acc_retain", "ASR": "ASR",
+           "acc_Sm": "acc S_m", "acc_Sf": "acc S_f", "time_s": "time (s)"}
 
 
 def _type_name(types) -> str:
@@ -172,6 +199,11 @@ def validate(raw: dict, where: str, base_dir: Path) -> dict:
         types = PARAM_TYPES.get(key, (float, int)) if key in PARAM_KEYS else KEYS[key][0]
         _check_type(where, key, value, types)
         exp[key] = value
+    given_keys = _apply_aliases(exp, raw)
+    if exp["dataset_method"] is not None:  # the corrective paper's recipe where not set
+        for key, value in CORRECTIVE_DEFAULTS.items():
+            if key not in given_keys and not (key == "steps" and "epochs" in given_keys):
+                exp[key] = value
     # the forget specifier
     given = [k for k in FORGET_KEYS if exp[k] is not None]
     if len(given) != 1:
@@ -186,6 +218,10 @@ def validate(raw: dict, where: str, base_dir: Path) -> dict:
     if cf is not None and n_classes is not None and not 0 <= cf < n_classes:
         raise UserError(f"{where}: class_to_forget {cf} is out of range: {exp['dataset']} has "
                         f"classes 0..{n_classes - 1}")
+    if exp["num_classes"] is not None and n_classes is not None and exp["num_classes"] != n_classes:
+        raise UserError(f"{where}: num_classes {exp['num_classes']} does not match {exp['dataset']} "
+                        f"({n_classes} classes)")
+    _validate_corrective(exp, where, n_classes)
     if exp["unlearning_rate"] is not None and not 0 < exp["unlearning_rate"] < 1:
         raise UserError(f"{where}: unlearning_rate must be in (0, 1), got {exp['unlearning_rate']}")
     for key in ("idxs_to_forget", "checkpoint", "load_mask"):
@@ -201,6 +237,11 @@ def validate(raw: dict, where: str, base_dir: Path) -> dict:
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     exp["method_name"] = method.name
+    for key, value in method.train_defaults.items():  # e.g. SCRUB's smaller learning rate
+        if key != "schedule" and key not in given_keys:
+            exp[key] = value
+    if exp["dataset_method"] is not None and exp["deletion_size"] == 0 and method.needs_forget:
+        raise UserError(f"{where}: method {method.name} needs deletion_size >= 1")
     given_params = {k: raw[k] for k in PARAM_KEYS if k in raw}
     try:
         exp["params"] = methods.method_params(exp["method"], given_params)
@@ -242,12 +283,75 @@ def validate(raw: dict, where: str, base_dir: Path) -> dict:
         exp["mia_attacks"] = ["confidence"] + exp["mia_attacks"]  # the headline MIA
     _check_model(where, exp["model"])
     exp["model"] = canonical_model_name(exp["model"]) if canonical_model_name(exp["model"]) in MODELS else exp["model"]
-    exp["base"] = validate_base(exp["base"] or {}, f"{where}, base")
+    exp["base"] = validate_base(_base_raw(exp), f"{where}, base")
+    for key in (*KEY_ALIASES, *BASE_ALIASES, "num_classes"):
+        exp.pop(key)
     if exp["tag"] is None:
         args = ", ".join(f"{k}={v:g}" for k, v in sorted(given_params.items()))
         exp["tag"] = (method.name + (f"({args})" if args else "")
                       + (f"+mask{exp['mask_thr']:g}" if exp["use_mask"] and not method.forces_mask else ""))
     return exp
+
+
+def _apply_aliases(exp: dict, raw: dict) -> set:
+    """The corrective README's names for existing keys win over them; returns the keys the
+    experiment gave (aliases counted as their key)."""
+    for alias, key in KEY_ALIASES.items():
+        if raw.get(alias) is not None:
+            exp[key] = raw[alias]
+    return set(raw) | {KEY_ALIASES[a] for a in raw if a in KEY_ALIASES and raw[a] is not None}
+
+
+def _base_raw(exp: dict) -> dict:
+    """The base recipe as given, plus pretrain_iters / pretrain_lr, plus (corrective
+    experiments) the corrective paper's recipe for what is not set."""
+    out = dict(exp["base"] or {})
+    for alias, key in BASE_ALIASES.items():
+        if exp[alias] is not None:
+            out[key] = exp[alias]
+    if exp["dataset_method"] is not None:
+        for key, value in CORRECTIVE_BASE_DEFAULTS.items():
+            if key == "steps" and "epochs" in out:
+                continue
+            out.setdefault(key, value)
+    return out
+
+
+def _validate_corrective(exp: dict, where: str, n_classes: int | None) -> None:
+    """dataset_method and the keys that go with it."""
+    if exp["dataset_method"] is None:
+        stray = [k for k in CORRECTIVE_KEYS if exp[k] is not None]
+        if stray:
+            raise UserError(f"{where}: '{stray[0]}' only goes with dataset_method")
+        return
+    try:
+        exp["dataset_method"] = corrective.canonical_manipulation(exp["dataset_method"])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    n = exp["forget_set_size"]
+    size = exp["subset"] or (DATASETS[exp["dataset"]].train_size if exp["dataset"] in DATASETS else None)
+    if n <= 0 or (size is not None and n > size):
+        raise UserError(f"{where}: forget_set_size must be between 1 and the training set size, got {n}")
+    if exp["deletion_size"] is None:
+        exp["deletion_size"] = n
+    if not 0 <= exp["deletion_size"] <= n:
+        raise UserError(f"{where}: deletion_size must be between 0 and forget_set_size ({n}), "
+                        f"got {exp['deletion_size']}")
+    if exp["patch_size"] < 1:
+        raise UserError(f"{where}: patch_size must be positive, got {exp['patch_size']}")
+    if exp["dataset_method"] == "interclasslabelswap":
+        if n % 2:
+            raise UserError(f"{where}: interclasslabelswap needs an even forget_set_size, got {n}")
+        pair = corrective.interclass_pair(exp["dataset"])
+        if n_classes is not None and max(pair) >= n_classes:
+            raise UserError(f"{where}: interclasslabelswap confuses classes {pair}, but "
+                            f"{exp['dataset']} has {n_classes} classes")
+    if exp["avg_gap"]:
+        raise UserError(f"{where}: avg_gap (the gap to retrain over UA/RA/TA/MIA) is not defined "
+                        "for dataset_method experiments: set it to false")
+    if exp["checkpoint"] is not None:
+        raise UserError(f"{where}: checkpoint cannot go with dataset_method: the manipulated model "
+                        "is trained (and cached) from the experiment's own S_m")
 
 
 def validate_base(raw: dict, where: str) -> dict:
@@ -316,28 +420,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-UL", "--unlearning-rate", dest="unlearning_rate", type=float, default=None)
     e.add_argument("-ITF", "--idxs-to-forget", dest="idxs_to_forget", default=None)
     e.add_argument("-E", "--epochs", type=int, default=None)
-    e.add_argument("-M", "--method", default=None)
+    e.add_argument("-M", "--method", "--unlearn_method", dest="method", default=None)
     e.add_argument("-UM", "--use-mask", dest="use_mask", action="store_const", const=True, default=None)
     e.add_argument("-MT", "--mask-thr", dest="mask_thr", type=float, default=None)
     e.add_argument("-LM", "--load-mask", dest="load_mask", default=None)
-    e.add_argument("-LR", "--lr", type=float, default=None)
+    e.add_argument("-LR", "--lr", "--unlearn_lr", dest="lr", type=float, default=None)
     e.add_argument("-T", "--tag", default=None)
     e.add_argument("--seed", type=int, default=None)
     e.add_argument("--model", default=None)
     e.add_argument("--dataset", default=None)
-    e.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    e.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
     e.add_argument("--subset", type=int, default=None)
     e.add_argument("--test-subset", dest="test_subset", type=int, default=None)
     e.add_argument("--mia-cap", dest="mia_cap", type=int, default=None)
     e.add_argument("--k", type=int, default=None, help="last k layers (CF-k / EU-k)")
-    e.add_argument("--alpha", type=float, default=None, help="method weight (l1_sparse, iu, neggrad_plus)")
+    e.add_argument("--alpha", type=float, default=None, help="method weight (l1_sparse, iu, neggrad_plus, scrub)")
+    c = p.add_argument_group("corrective unlearning (the corrective README's flags; JSON keys of the same names)")
+    c.add_argument("--dataset_method", default=None, help="poisoning | interclasslabelswap | randomlabelswap")
+    c.add_argument("--forget_set_size", type=int, default=None, help="|S_m|, manipulated samples")
+    c.add_argument("--deletion_size", type=int, default=None, help="|S_f| <= |S_m| handed to the unlearner")
+    c.add_argument("--patch_size", type=int, default=None, help="poisoning trigger side (default 3)")
+    c.add_argument("--num_classes", type=int, default=None, help="checked against the dataset")
+    c.add_argument("--pretrain_iters", type=int, default=None, help="iterations of the manipulated model")
+    c.add_argument("--pretrain_lr", type=float, default=None)
+    c.add_argument("--unlearn_iters", "--steps", dest="steps", type=int, default=None,
+                   help="unlearning iteration budget (overrides epochs)")
+    c.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=None)
+    c.add_argument("--kd_T", type=float, default=None, help="scrub temperature")
+    c.add_argument("--msteps", type=int, default=None, help="scrub max-step budget")
+    c.add_argument("--SSDdampening", type=float, default=None, help="ssd lambda")
+    c.add_argument("--SSDselectwt", type=float, default=None, help="ssd alpha")
     add_runtime_args(p)
     return p
 
 
 FLAG_KEYS = ("checkpoint", "class_to_forget", "unlearning_rate", "idxs_to_forget", "epochs", "method",
              "use_mask", "mask_thr", "load_mask", "lr", "tag", "seed", "model", "dataset", "batch_size",
-             "subset", "test_subset", "mia_cap", "k", "alpha")
+             "subset", "test_subset", "mia_cap", "k", "alpha", "dataset_method", "forget_set_size",
+             "deletion_size", "patch_size", "num_classes", "pretrain_iters", "pretrain_lr", "steps",
+             "weight_decay", "kd_T", "msteps", "SSDdampening", "SSDselectwt")
 
 
 def experiments_from_args(args) -> tuple[list[tuple[str, dict]], str, Path]:
@@ -351,6 +472,10 @@ def experiments_from_args(args) -> tuple[list[tuple[str, dict]], str, Path]:
             defaults = {k: v for k, v in defaults.items() if k not in FORGET_KEYS}
             raw = [{k: v for k, v in r.items() if k not in FORGET_KEYS} if isinstance(r, dict) else r
                    for r in raw]
+        # a flag beats the file's alias of its key too (-M over "unlearn_method")
+        aliases = {a for a, key in KEY_ALIASES.items() if key in flags}
+        defaults = {k: v for k, v in defaults.items() if k not in aliases}
+        raw = [{k: v for k, v in r.items() if k not in aliases} if isinstance(r, dict) else r for r in raw]
         out = [(f"{args.load} experiment {i + 1}", {**defaults, **r, **flags} if isinstance(r, dict) else r)
                for i, r in enumerate(raw)]
         return out, Path(args.load).stem, Path(args.load).resolve().parent
@@ -378,6 +503,13 @@ def _recipe(base: dict) -> dict:
     return {"train": train, "batch_size": base["batch_size"], "augment": base["augment"]}
 
 
+def _manip_key(exp: dict, seed: int) -> dict:
+    """What determines S_m and the manipulated labels / trigger (with the data spec and the
+    model's input normalisation): hashed into the base and retrain cache names."""
+    return {"dataset_method": exp["dataset_method"], "forget_set_size": exp["forget_set_size"],
+            "patch_size": exp["patch_size"], "seed": seed, "version": 1}
+
+
 def _digest(idx: torch.Tensor) -> str:
     return hashlib.sha1(idx.cpu().numpy().tobytes()).hexdigest()[:12]
 
@@ -388,6 +520,8 @@ class Runner:
         self.bases: dict[str, tuple] = {}  # key -> (model, meta)
         self.references: dict[str, dict] = {}  # retrain cache path -> metrics
         self.splits: dict[tuple, PreparedData] = {}
+        self.manipulations: dict[tuple, corrective.Manipulation] = {}
+        self.base_metrics: dict[str, dict] = {}  # corrective: base path -> its metrics
 
     # --- data and models -----------------------------------------------------------
     def data(self, exp, seed, with_forget=True) -> PreparedData:
@@ -396,21 +530,55 @@ class Runner:
         key = (json.dumps(asdict(spec), sort_keys=True), seed if random else None)
         if key not in self.splits:
             self.splits[key] = prepare_data(spec, seed=seed)
+        if exp["dataset_method"] is not None and with_forget:  # forget = S_f, retain keeps S_m \ S_f
+            dkey = (key[0], json.dumps(_manip_key(exp, seed), sort_keys=True), exp["model"], exp["deletion_size"])
+            if dkey not in self.splits:
+                self.splits[dkey] = corrective.with_deletion(self.splits[key], self.manipulation(exp, seed),
+                                                             exp["deletion_size"], seed)
+            return self.splits[dkey]
         return self.splits[key]
 
-    def base_path(self, exp) -> Path:
-        return checkpoint_dir() / "base" / f"{exp['model']}_{exp['dataset']}_{self.base_hash(exp)}.pt"
+    def manipulation(self, exp, seed) -> corrective.Manipulation | None:
+        """S_m and its manipulated labels / trigger, drawn with the run's seed (None: no
+        dataset_method)."""
+        if exp["dataset_method"] is None:
+            return None
+        data = self.data(exp, seed, False)
+        # the model matters: the trigger value is the largest pixel of the model's input space
+        key = (json.dumps(asdict(data.spec), sort_keys=True), json.dumps(_manip_key(exp, seed), sort_keys=True),
+               exp["model"])
+        if key not in self.manipulations:
+            self.manipulations[key] = corrective.manipulate(
+                data.train, exp["dataset_method"], exp["forget_set_size"], seed=seed,
+                candidates=data.retain_idx, patch_size=exp["patch_size"],
+                value=corrective.trigger_value(data.train, exp["model"]), dataset=exp["dataset"])
+        return self.manipulations[key]
 
-    def base_hash(self, exp) -> str:
-        return config_hash({"role": "base", "model": exp["model"], "data": asdict(data_spec(exp, False)),
-                            "recipe": _recipe(exp["base"]), "seed": self.base_seed(exp)})
+    def overrides(self, exp, seed) -> dict:
+        manip = self.manipulation(exp, seed)
+        return manip.loader_overrides() if manip is not None else {}
+
+    def base_path(self, exp, seed=None) -> Path:
+        return checkpoint_dir() / "base" / f"{exp['model']}_{exp['dataset']}_{self.base_hash(exp, seed)}.pt"
+
+    def base_hash(self, exp, seed=None) -> str:
+        key = {"role": "base", "model": exp["model"], "data": asdict(data_spec(exp, False)),
+               "recipe": _recipe(exp["base"]), "seed": self.base_seed(exp, seed)}
+        if exp["dataset_method"] is not None:  # the manipulated model: one per manipulation and seed
+            key["manipulation"] = _manip_key(exp, exp["seed"] if seed is None else seed)
+        return config_hash(key)
 
     @staticmethod
-    def base_seed(exp) -> int:
-        return exp["base"]["seed"] if exp["base"]["seed"] is not None else exp["seed"]
+    def base_seed(exp, seed=None) -> int:
+        """The base model's seed: base.seed, else the first seed (SalUn: one base for all
+        runs), or the run's seed for corrective experiments (S_m is drawn per seed)."""
+        if exp["base"]["seed"] is not None:
+            return exp["base"]["seed"]
+        return seed if exp["dataset_method"] is not None and seed is not None else exp["seed"]
 
-    def base_model(self, exp):
-        """(model, meta, recipe) of the original model: the checkpoint, or trained and cached."""
+    def base_model(self, exp, seed=None):
+        """(model, meta, recipe) of the original model: the checkpoint, or trained and cached.
+        Corrective experiments: the model trained on the manipulated set of run seed `seed`."""
         if exp["checkpoint"]:
             key = exp["checkpoint"]
             if key not in self.bases:
@@ -425,21 +593,29 @@ class Runner:
                           else _recipe(exp["base"]))
                 self.bases[key] = (model.eval(), meta, recipe)
             return self.bases[key]
-        path = self.base_path(exp)
+        path = self.base_path(exp, seed)
         key = str(path)
         if key not in self.bases:
             recipe = _recipe(exp["base"])
+            seed = exp["seed"] if seed is None else seed
             if path.is_file():
                 sd, meta = engine.load_checkpoint(path)
                 model = get_model(exp["model"], meta["num_classes"]).to(self.device)
                 engine.load_weights(model, sd, path)
                 print(f"base model: {path} (cached, test acc {meta.get('test_acc', float('nan')):.2f}%)")
             else:
-                data = self.data(exp, exp["seed"], False)
+                data = self.data(exp, seed, False)
+                manip = self.manipulation(exp, seed)
+                extra = {"role": "base"}
+                if manip is not None:
+                    extra.update(manipulation=_manip_key(exp, seed), manip_digest=manip.digest())
+                    write_index_json(path.with_name(path.stem + "_manip.json"), manip.manip_idx,
+                                     dataset=exp["dataset"], split="train", dataset_method=manip.kind)
                 print(f"training the base model -> {path}")
                 model, meta = methods.train_from_scratch(
-                    exp["model"], data, recipe, device=self.device, seed=self.base_seed(exp), ckpt_path=path,
-                    eval_batch_size=exp["eval_batch_size"], amp=self.amp, extra_meta={"role": "base"})
+                    exp["model"], data, recipe, device=self.device, seed=self.base_seed(exp, seed), ckpt_path=path,
+                    eval_batch_size=exp["eval_batch_size"], amp=self.amp, extra_meta=extra,
+                    loader_overrides=self.overrides(exp, seed) or None)
                 print(f"base model: test acc {meta['test_acc']:.2f}%")
             self.bases[key] = (model.eval(), meta, recipe)
         return self.bases[key]
@@ -451,12 +627,15 @@ class Runner:
             momentum=exp["momentum"], weight_decay=exp["weight_decay"], schedule=exp["schedule"],
             warmup=exp["warmup"], amp=self.amp, augment=exp["augment"], mask=mask,
             params=dict(exp["params"]), base_recipe=recipe, cache_path=cache_path,
-            eval_batch_size=exp["eval_batch_size"])
+            eval_batch_size=exp["eval_batch_size"], loader_overrides=self.overrides(exp, seed))
 
     def retrain_path(self, exp, data, seed, recipe) -> Path:
-        h = config_hash({"role": "retrain", "model": exp["model"], "data": asdict(data_spec(exp, False)),
-                         "recipe": recipe, "seed": seed, "forget": _digest(data.forget_idx),
-                         "n_forget": len(data.forget_idx)})
+        key = {"role": "retrain", "model": exp["model"], "data": asdict(data_spec(exp, False)),
+               "recipe": recipe, "seed": seed, "forget": _digest(data.forget_idx),
+               "n_forget": len(data.forget_idx)}
+        if exp["dataset_method"] is not None:  # the retain set still holds S_m \ S_f, manipulated
+            key["manipulation"] = _manip_key(exp, seed)
+        h = config_hash(key)
         return checkpoint_dir() / "retrain" / f"{exp['model']}_{exp['dataset']}_{h}.pt"
 
     def reference(self, exp, data, seed, recipe) -> tuple[dict, torch.nn.Module | None]:
@@ -474,7 +653,7 @@ class Runner:
         with MX.timer(self.device) as t:
             model, meta = methods.retrain_from_scratch(s)
         seconds = meta.get("train_seconds_this_process") if meta.get("cached") else t.seconds
-        result = self.evaluate(model, exp, data)
+        result = self.evaluate(model, exp, data, seed)
         result.update({"time_s": seconds, "cached": bool(meta.get("cached")), "checkpoint": str(path)})
         self.references[key] = result
         return result, model
@@ -484,7 +663,7 @@ class Runner:
         return json.dumps([exp[k] for k in ("test_subset", "mia_cap", "mia_attacks", "rf_mia")])
 
     # --- evaluation ----------------------------------------------------------------
-    def evaluate(self, model, exp, data: PreparedData) -> dict:
+    def evaluate(self, model, exp, data: PreparedData, seed: int | None = None) -> dict:
         mk = lambda split, idx: make_loader(data, split, idx, model_name=exp["model"],  # noqa: E731
                                             batch_size=exp["eval_batch_size"], device=self.device)
         cf = exp["class_to_forget"]
@@ -492,6 +671,10 @@ class Runner:
         if exp["test_subset"]:
             pick = balanced_subset(data.test.y[test_idx], min(exp["test_subset"], len(test_idx)), exp["split_seed"])
             test_idx = test_idx[pick]
+        if exp["dataset_method"] is not None:  # Acc_corr / Acc_retain / ASR (no UA/MIA: see README)
+            return corrective.evaluate(model, data, self.manipulation(exp, exp["seed"] if seed is None else seed),
+                                       model_name=exp["model"], batch_size=exp["eval_batch_size"],
+                                       device=self.device, amp=self.amp, test_idx=test_idx)
         val_idx = data.val_idx if cf is None else data.val_idx[data.train.y[data.val_idx] != cf]
         lf, yf = engine.predict(model, mk("train", data.forget_idx), self.amp)
         lr_, yr = engine.predict(model, mk("train", data.retain_idx), self.amp)
@@ -517,7 +700,7 @@ class Runner:
     # --- one run -------------------------------------------------------------------
     def run(self, exp: dict, index: int, seed: int, run_idx: int, source: str) -> dict:
         data = self.data(exp, seed)
-        base, base_meta, recipe = self.base_model(exp)
+        base, base_meta, recipe = self.base_model(exp, seed)
         record = {"experiment": index, "name": exp["tag"], "method": exp["method_name"], "seed": seed,
                   "forget": forget_label(exp), "n_forget": len(data.forget_idx),
                   "n_retain": len(data.retain_idx), "forget_digest": _digest(data.forget_idx)}
@@ -547,7 +730,7 @@ class Runner:
                 s = self.setup(exp, data, seed, recipe, mask=mask)
                 model = methods.unlearn(model, exp["method"], s)
             with MX.timer(self.device) as te:
-                result = self.evaluate(model, exp, data)
+                result = self.evaluate(model, exp, data, seed)
             result["time_s"], result["eval_s"] = t.seconds, te.seconds
             if mask is not None:
                 result["mask_s"] = mask_seconds
@@ -556,12 +739,16 @@ class Runner:
                     p = methods.save_mask(self.out_dir / "masks" / f"{_safe(exp['tag'])}_seed{seed}.pt", mask,
                                           threshold=exp["mask_thr"], forget_digest=record["forget_digest"])
                     record["mask_path"] = str(p)
-        if ref is not None:
+        if ref is not None and exp["dataset_method"] is None:  # corrective: no UA/MIA, no gap
             record["ref"] = {k: ref[k] for k in ("UA", "RA", "TA", "MIA", "VA", "VA_forget") if k in ref}
             result["gap"] = MX.avg_gap(result, ref)
         record.update(result)
-        record["base"] = {"checkpoint": exp["checkpoint"] or str(self.base_path(exp)),
+        record["base"] = {"checkpoint": exp["checkpoint"] or str(self.base_path(exp, seed)),
                           "test_acc": base_meta.get("test_acc")}
+        if exp["dataset_method"] is not None:  # the manipulated model before unlearning
+            record["base"]["metrics"] = self.manipulated_metrics(exp, seed, base, data)
+            record["n_manip"] = exp["forget_set_size"]
+            record["deletion_frac"] = len(data.forget_idx) / exp["forget_set_size"]
         record["config"] = {k: v for k, v in exp.items() if k not in ("tag",)}
         record["device"], record["torch"] = str(self.device), torch.__version__
         if exp["save_model"] and model is not None:
@@ -572,11 +759,20 @@ class Runner:
                     "role": "unlearned"}
             engine.save_checkpoint(path, model, meta)
             record["model_path"] = str(path)
-            self.save_base_copy(exp, base, data)
+            self.save_base_copy(exp, base, data, seed)
         return record
 
-    def save_base_copy(self, exp, base, data):
-        path = self.out_dir / "models" / "base" / f"seed{self.base_seed(exp)}.pt"
+    def manipulated_metrics(self, exp, seed, base, data) -> dict:
+        """The corrective metrics of the manipulated model (once per base and evaluation);
+        acc_Sf is left out: it depends on the run's S_f."""
+        key = f"{self.base_path(exp, seed)}|{exp['test_subset']}"
+        if key not in self.base_metrics:
+            out = self.evaluate(base, exp, data, seed)
+            self.base_metrics[key] = {k: v for k, v in out.items() if k != "acc_Sf"}
+        return self.base_metrics[key]
+
+    def save_base_copy(self, exp, base, data, seed=None):
+        path = self.out_dir / "models" / "base" / f"seed{self.base_seed(exp, seed)}.pt"
         if not path.exists():
             engine.save_checkpoint(path, base, {"model": exp["model"], "num_classes": data.num_classes,
                                                 "dataset": exp["dataset"], "data": asdict(data_spec(exp, False)),
@@ -592,6 +788,8 @@ def forget_label(exp: dict) -> str:
         return f"class {exp['class_to_forget']}"
     if exp["unlearning_rate"] is not None:
         return f"{100 * exp['unlearning_rate']:g}% random"
+    if exp["dataset_method"] is not None:
+        return f"{exp['dataset_method']} |S_m|={exp['forget_set_size']} |S_f|={exp['deletion_size']}"
     return f"file {Path(exp['idxs_to_forget']).name}"
 
 
@@ -606,7 +804,8 @@ def plan_lines(exps: list[dict], runner_paths) -> list[str]:
             base = f"{p} ({'cached' if p.is_file() else 'to train'})"
         subset = f" subset {exp['subset']}" if exp["subset"] else ""
         lines.append(f"{i:>3}. {exp['tag']}: {exp['method_name']} on {exp['model']}/{exp['dataset']}{subset}, "
-                     f"forget {forget_label(exp)}, lr {exp['lr']:g}, epochs {exp['epochs']}, "
+                     f"forget {forget_label(exp)}, lr {exp['lr']:g}, "
+                     + (f"steps {exp['steps']}, " if exp["steps"] else f"epochs {exp['epochs']}, ") +
                      f"mask {exp['mask_thr'] if exp['use_mask'] else 'no'}, seeds {seeds}; base {base}")
     return lines
 

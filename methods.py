@@ -23,15 +23,17 @@ parameter update (no loop).
 | boundary_shrink (BS)           | fine-tune forget samples towards their FGSM neighbour's label  |
 | boundary_expanding (BE)        | train forget samples into an extra shadow class, then drop it |
 | iu (IU, wfisher)               | influence unlearning: one WoodFisher (inverse-Fisher) step     |
+| scrub (SCRUB)                  | corrective SCRUB: max steps ascend CE + KL on forget, then min steps on retain |
+| badt (BadT)                    | Bad Teacher: distil all data; forget from a random-init teacher |
+| ssd (SSD)                      | Selective Synaptic Dampening: shrink weights important to forget only (no training) |
 
 Any method takes the SalUn saliency mask (`Setup.mask`, see `saliency_mask`): a HARD
 constraint — gradients of masked coordinates are zeroed, and after every optimiser step
 masked coordinates are restored to their original values and their momentum / Adam buffers
 zeroed, so they stay bit-identical under momentum and weight decay.
 
-Adding a method (e.g. the corrective-unlearning SCRUB, BadT, SSD): write
-`def scrub(model, s: Setup) -> nn.Module`, decorate it with
-`@register("scrub", aliases=("SCRUB",), params={"alpha": 0.001, ...}, summary=..., source=...)`,
+Adding a method: write `def name(model, s: Setup) -> nn.Module`, decorate it with
+`@register("name", aliases=("Name",), params={"alpha": 0.001, ...}, summary=..., source=...)`,
 and build its stream/loss with the helpers below (`forget_loader`, `retain_loader`,
 `Paired`, `_train`, `frozen_copy`). `Setup.loader_overrides` passes manipulated labels,
 replaced images or trigger stamps to every training loader, so the forget set can carry
@@ -42,6 +44,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import math
 import warnings
 from contextlib import contextmanager
@@ -942,9 +945,188 @@ def iu(model: nn.Module, s: Setup) -> nn.Module:
     return model
 
 
+# --- Corrective unlearning (Goel et al. 2024): SCRUB, Bad Teacher, SSD -----------------
+# EU-k and CF-k are `retrain` and `ft` with k. On a manipulated training set the forget
+# loader carries what the model was trained on (manipulated labels, the trigger), through
+# `Setup.loader_overrides`.
+
+class MaxMinStream:
+    """SCRUB's schedule as one stream of (tag, batch): while fewer than `max_steps` items have
+    been taken, an epoch is one "max" pass over forget then one "min" pass over retain;
+    afterwards retain only. len() is the retain pass (the shortest epoch), so engine.fit
+    plans enough epochs for its step budget, which counts max and min steps alike."""
+
+    def __init__(self, forget, retain, max_steps: int):
+        self.forget, self.retain, self.max_steps = forget, retain, max_steps
+        self.taken = 0
+
+    def __len__(self):
+        return len(self.retain)
+
+    def set_epoch(self, epoch):
+        self.forget.set_epoch(epoch)
+        self.retain.set_epoch(epoch)
+
+    def __iter__(self):
+        phases = ([("max", self.forget)] if self.taken < self.max_steps else []) + [("min", self.retain)]
+        for tag, stream in phases:
+            for batch in stream:
+                self.taken += 1
+                yield tag, batch
+
+
+@register("scrub", aliases=("SCRUB", "Scrub"), params={"alpha": 0.001, "kd_T": 4.0, "msteps": 100, "k": -1},
+          train_defaults={"lr": 0.0025},
+          summary="SCRUB, corrective variant: loss CE + alpha * T^2 KL_T(teacher || student); "
+                  "while step < msteps each epoch first ascends the whole loss on forget "
+                  "(manipulated labels), then descends it on retain",
+          source="corrective-unlearning-bench src/methods.py Scrub (Kurmanji et al. 2023)")
+def scrub(model: nn.Module, s: Setup) -> nn.Module:
+    """The corrective paper's SCRUB maximises CE + KL on the forget set (the original SCRUB
+    maximises only the KL). The KL is averaged per sample (batchmean), times T^2."""
+    alpha, temp, msteps = float(s.params["alpha"]), float(s.params["kd_T"]), int(s.params["msteps"])
+    if alpha < 0 or temp <= 0 or msteps < 0:
+        raise UserError("scrub needs alpha >= 0, kd_T > 0 and msteps >= 0")
+    teacher = frozen_copy(model)
+
+    def loss_fn(m, item):
+        tag, batch = item
+        logits = m(batch.x)
+        with torch.no_grad():
+            target = F.softmax(teacher(batch.x).float() / temp, dim=1)
+        kl = F.kl_div(F.log_softmax(logits.float() / temp, dim=1), target, reduction="batchmean")
+        loss = F.cross_entropy(logits, batch.y) + alpha * kl * temp * temp
+        return (-loss if tag == "max" else loss), logits, batch.y
+
+    _train(model, s, MaxMinStream(forget_loader(s), retain_loader(s), msteps), loss_fn, desc="scrub")
+    return model
+
+
+def random_init_copy(model_name: str, num_classes: int, device, seed: int) -> nn.Module:
+    """A freshly initialised model of the same architecture (seeded, no gradients, eval)."""
+    from models import get_model
+    with torch.random.fork_rng(devices=[]):  # leave the global RNG stream as it was
+        torch.manual_seed(seed)
+        return frozen_copy(get_model(model_name, num_classes).to(device))
+
+
+@register("badt", aliases=("BadT", "bad_teacher"), params={"k": -1},
+          summary="Bad Teacher: distil the whole training set, S_f from a random-init "
+                  "(incompetent) teacher, the rest from the original model (KL, T = 1)",
+          source="corrective-unlearning-bench src/methods.py BadT (Chundawat et al. 2023)")
+def badt(model: nn.Module, s: Setup) -> nn.Module:
+    """The original averages F.kl_div over classes too (reduction='mean', 1/C of the KL);
+    here the KL is per sample (batchmean), so learning rates are C times smaller for the
+    same step."""
+    good = frozen_copy(model)
+    bad = random_init_copy(s.model_name, s.num_classes, s.device, s.seed + 7919)
+    is_forget = forget_membership(s)
+
+    def loss_fn(m, batch: Batch):
+        logits = m(batch.x)
+        with torch.no_grad():
+            target = F.softmax(good(batch.x).float(), dim=1)
+            sel = is_forget[batch.idx]
+            if sel.any():
+                target[sel] = F.softmax(bad(batch.x[sel]).float(), dim=1)
+        loss = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+        return loss, logits, batch.y
+
+    _train(model, s, union_loader(s), loss_fn, desc="badt")
+    return model
+
+
+def ssd_importance(model: nn.Module, loader, params: list[torch.Tensor], amp: bool = False) -> list[torch.Tensor]:
+    """Mean over batches of the squared gradient of the batch-mean cross-entropy (eval mode)."""
+    sums = [torch.zeros_like(p) for p in params]
+    batches = 0
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for batch in loader:
+        with engine.autocast(device, amp):
+            loss = F.cross_entropy(model(batch.x), batch.y)
+        for acc, g in zip(sums, torch.autograd.grad(loss, params)):
+            acc += g.float().pow(2)
+        batches += 1
+    model.train(was_training)
+    return [acc / max(1, batches) for acc in sums]
+
+
+@torch.no_grad()
+def ssd_dampen(params: list[torch.Tensor], imp_forget: list[torch.Tensor], imp_retain: list[torch.Tensor],
+               dampening: float, select_weight: float, masks: list[torch.Tensor] | None = None) -> int:
+    """Selective synaptic dampening in place: where I_f > alpha * I_D, theta *= min(lambda *
+    I_D / I_f, 1); every other coordinate is left bit-identical. Returns how many were selected."""
+    selected = 0
+    for i, (p, i_f, i_d) in enumerate(zip(params, imp_forget, imp_retain)):
+        sel = i_f > select_weight * i_d  # implies I_f > 0
+        if masks is not None:
+            sel &= masks[i]
+        if not sel.any():
+            continue
+        beta = (dampening * i_d / torch.where(sel, i_f, torch.ones_like(i_f))).clamp(max=1.0)
+        p.copy_(torch.where(sel, p * beta.to(p.dtype), p))
+        selected += int(sel.sum())
+    return selected
+
+
+_IMPORTANCE_CACHE: dict = {}  # key -> (objects kept alive for the key's ids, result)
+
+
+def _importances(model, s: Setup, params, names, amp):
+    """(I_f, I_D) on the forget and retain streams. Settings of one grid share the same
+    importances: they are cached for the same weights, data, seed and loader overrides (the
+    entry holds the data objects, so their ids cannot be reused while it lives)."""
+    h = hashlib.sha1()
+    for n, p in zip(names, params):
+        h.update(n.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    for idx in (s.data.forget_idx, s.data.retain_idx):
+        h.update(idx.cpu().numpy().tobytes())
+    key = (h.hexdigest(), id(s.data), id(s.loader_overrides.get("labels")),
+           id(s.loader_overrides.get("stamp_mask")), s.seed, s.batch_size, s.augment, bool(amp))
+    if key in _IMPORTANCE_CACHE:
+        return _IMPORTANCE_CACHE[key][1]
+    result = (ssd_importance(model, forget_loader(s, salt=11), params, amp),
+              ssd_importance(model, retain_loader(s, salt=12), params, amp))
+    while len(_IMPORTANCE_CACHE) >= 4:
+        _IMPORTANCE_CACHE.pop(next(iter(_IMPORTANCE_CACHE)))
+    _IMPORTANCE_CACHE[key] = ((s.data, s.loader_overrides.get("labels"), s.loader_overrides.get("stamp_mask")),
+                              result)
+    return result
+
+
+@register("ssd", aliases=("SSD",), params={"SSDdampening": 1.0, "SSDselectwt": 10.0, "k": -1},
+          iterative=False,
+          summary="Selective Synaptic Dampening: importances I = mean squared gradient on forget "
+                  "(I_f) and retain (I_D); where I_f > SSDselectwt * I_D, theta *= "
+                  "min(SSDdampening * I_D / I_f, 1); no training",
+          source="corrective-unlearning-bench src/methods.py SSD (Foster et al. 2024)")
+def ssd(model: nn.Module, s: Setup) -> nn.Module:
+    """As the corrective paper: I_D on the retain set (the original SSD uses the whole
+    training set), gradients with the training augmentation, every parameter tensor
+    including BatchNorm's, exponent 1. k restricts it to the last k layers (the original
+    crashes for k != -1); a saliency mask, if given, restricts it further."""
+    lam, alpha = float(s.params["SSDdampening"]), float(s.params["SSDselectwt"])
+    if lam <= 0 or alpha <= 0:
+        raise UserError(f"ssd needs SSDdampening > 0 and SSDselectwt > 0, got {lam} and {alpha}")
+    params, _ = _trainable(model, int(s.params["k"]))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = [by_id[id(p)] for p in params]
+    amp = engine.resolve_amp(s.amp, torch.device(s.device))
+    imp_f, imp_d = _importances(model, s, params, names, amp)
+    masks = None if s.mask is None else [s.mask[n].to(p.device) for n, p in zip(names, params)]
+    selected = ssd_dampen(params, imp_f, imp_d, lam, alpha, masks)
+    s.log(f"ssd: dampened {selected} of {sum(p.numel() for p in params)} parameters")
+    model.eval()
+    return model
+
+
 __all__ = ["Setup", "Method", "METHODS", "ALIASES", "register", "resolve", "unlearn",
            "method_params", "method_names", "saliency_mask", "mask_from_scores", "save_mask",
            "load_mask", "mask_fraction", "MaskConstraint", "mask_constraint", "retrain_from_scratch",
            "train_from_scratch", "base_recipe_config",
            "Paired", "RandomLabels", "frozen_copy", "train_loader", "forget_loader",
-           "retain_loader", "union_loader", "eval_loader"]
+           "retain_loader", "union_loader", "eval_loader", "MaxMinStream", "ssd_importance",
+           "ssd_dampen", "random_init_copy"]
