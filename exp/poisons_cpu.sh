@@ -29,8 +29,10 @@ if [[ $step == small || $step == all ]]; then
 fi
 if [[ $step == train || $step == all ]]; then
   # One recipe for every condition: SmallCNN, 4500 training images (the --subset minus 10 %
-  # validation), 6 epochs, SGD lr 0.05, cosine, batch 128, crop+flip; clean test accuracy.
-  TR="--model smallcnn --subset $SUBSET --epochs 6 --batch-size 128 --lr 0.05 --schedule cosine $RT"
+  # validation), 6 epochs, SGD lr 0.05, cosine, batch 128, no augmentation (at 6 epochs on 4500
+  # images random crops kept LSP's 8x8-patch shortcut from being learned: 49.1 vs 50.8 % clean,
+  # seed 0); clean test accuracy.
+  TR="--model smallcnn --subset $SUBSET --epochs 6 --batch-size 128 --lr 0.05 --schedule cosine --no-augment --threads 1 $RT"
   for s in $SEEDS; do
     for p in clean lsp ops l2-ar; do
       flock "$LOCK" python train.py $TR --seed "$s" --poison "$p" --out "$CK/poisons_cpu_${p}_s$s.pt" --force

@@ -34,12 +34,12 @@ def main(argv=None):
         name = pz["key"] + ("-small" if pz.get("recipe") == "small" else "")
         runs.append({"poison": name, "seed": meta["seed"], "test_acc": meta["test_acc"],
                      "train_acc": hist[-1].get("train_acc"), "n_train": meta["n_train"],
-                     "epochs": meta["epochs_done"], "minutes": meta["train_seconds_this_process"] / 60})
+                     "epochs": meta["epochs_done"]})
     if not runs:
         raise UserError(f"no poisons_cpu_*.json in {args.folder}")
     order = ["clean", "lsp", "ops", "l2-ar", "error-min-small", "error-max-small"]
     runs.sort(key=lambda r: (order.index(r["poison"]) if r["poison"] in order else 99, r["seed"]))
-    rows = summarize(runs, ["poison"], ["test_acc", "train_acc", "minutes"])
+    rows = summarize(runs, ["poison"], ["test_acc", "train_acc"])
     clean = [r["test_acc"] for r in runs if r["poison"] == "clean"]
     base = mean_std(clean)[0] if clean else None
     for row in rows:
@@ -47,7 +47,7 @@ def main(argv=None):
         row["gap_to_clean"] = None if base is None else f"{base - mean_std(accs)[0]:.1f}"
         row["seeds"] = ",".join(str(r["seed"]) for r in runs if r["poison"] == row["poison"])
     stem = Path(args.stem) if args.stem else Path(args.folder).parent / "poisons_cpu"
-    print(write_tables(rows, stem, ["poison", "n", "seeds", "test_acc", "gap_to_clean", "train_acc", "minutes"]))
+    print(write_tables(rows, stem, ["poison", "n", "seeds", "test_acc", "gap_to_clean", "train_acc"]))
     return 0
 
 
