@@ -11,9 +11,10 @@ of its hyper-parameter grid (SSD's (alpha, lambda), SCRUB's alpha), one experime
 per seed serves every fraction and method (main.py caches it).
 
 `report` reads main.py's runs.jsonl and, per method and fraction, picks the setting with the
-best validation score (the mean over seeds of (val Acc_corr + val Acc_retain) / 2: the
-validation split is clean data held out of training, triggered copies of it for
-poisoning; the test split is never looked at), then writes a Markdown/CSV table (mean ± std
+best validation score, (val Acc_corr + val Acc_retain) / 2 (the validation split is
+clean data held out of training, triggered copies of it for poisoning; the test split is
+never looked at), per seed (`--select per-seed`, the default) or on the mean over seeds
+(`--select mean`), then writes a Markdown/CSV table (mean ± std
 over seeds of the chosen setting), the selections as JSON, and a PNG with Acc_corr,
 Acc_retain (and ASR for poisoning) against the identified fraction, one line per method,
 the manipulated model as a dashed line.
@@ -69,9 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="default: the corrective paper's (0.025; SCRUB 0.0025)")
     plan.add_argument("--batch_size", type=int, default=128)
     rep = sub.add_parser("report", help="select on validation, write the table and the plot")
-    rep.add_argument("runs", help="main.py's runs.jsonl")
+    rep.add_argument("runs", nargs="+", help="main.py's runs.jsonl (several: an experiment and seed "
+                     "found twice keeps its last record, e.g. a sweep resumed in a second invocation)")
     rep.add_argument("--out", required=True, help="output stem: <out>.md/.csv/.json/.png")
     rep.add_argument("--title", default=None)
+    rep.add_argument("--select", choices=("per-seed", "mean"), default="per-seed",
+                     help="choose the setting per seed on its validation score (default), or one "
+                          "setting for all seeds on the mean validation score")
     return p
 
 
@@ -113,27 +118,44 @@ def plan_experiments(args) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
-def load_runs(path: str) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"runs file {path} does not exist")
-    runs = []
-    for i, line in enumerate(file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise UserError(f"{path} line {i} is not JSON") from None
-    runs = [r for r in runs if r.get("config", {}).get("dataset_method")]
-    if not runs:
-        raise UserError(f"{path} holds no corrective (dataset_method) runs")
-    return runs
+def load_runs(paths: list[str]) -> list[dict]:
+    """The corrective runs of every file; a (tag, seed) seen again replaces the earlier one."""
+    by_key = {}
+    for path in paths:
+        file = Path(path)
+        if not file.is_file():
+            raise UserError(f"runs file {path} does not exist")
+        for i, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                run = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{path} line {i} is not JSON") from None
+            if run.get("config", {}).get("dataset_method"):
+                by_key[(run["name"], run["seed"])] = run
+    if not by_key:
+        raise UserError(f"{', '.join(paths)}: no corrective (dataset_method) runs")
+    return list(by_key.values())
 
 
-def _setting(run: dict) -> str:
-    params = {k: v for k, v in run["config"]["params"].items() if k != "k" or v != -1}
-    return ", ".join(f"{k}={v:g}" for k, v in sorted(params.items())) or "-"
+SHORT = {"SSDselectwt": "α", "SSDdampening": "λ", "alpha": "α"}
+
+
+def _setting(run: dict, keys=None) -> str:
+    """The run's hyper-parameters (only `keys`, e.g. those its grid varies), short names."""
+    params = {k: v for k, v in run["config"]["params"].items() if keys is None or k in keys}
+    return " ".join(f"{SHORT.get(k, k)}={v:g}"
+                    for k, v in sorted(params.items(), key=lambda kv: SHORT.get(kv[0], kv[0]))) or "-"
+
+
+def _varying(runs: list[dict]) -> dict[str, set]:
+    """Per method, the hyper-parameters that take more than one value in the runs."""
+    values: dict[str, dict[str, set]] = {}
+    for r in runs:
+        for k, v in r["config"]["params"].items():
+            values.setdefault(r["method"], {}).setdefault(k, set()).add(v)
+    return {m: {k for k, vs in params.items() if len(vs) > 1} for m, params in values.items()}
 
 
 def _score(run: dict) -> float:
@@ -143,17 +165,28 @@ def _score(run: dict) -> float:
     return sum(vals) / len(vals)
 
 
-def select(runs: list[dict]) -> dict:
-    """{(method, fraction): (setting, [runs])}: per method and fraction the setting with the
-    best mean validation score over seeds."""
-    groups: dict[tuple, dict[str, list]] = {}
+def select(runs: list[dict], per_seed: bool = True) -> dict:
+    """{(method, fraction): (setting(s), [chosen runs])}. per_seed: for every seed the setting
+    with the best validation score of that run (each seed is its own manipulated model,
+    S_m and validation split, as a practitioner tuning on their own data would); otherwise
+    one setting for all seeds, the best mean score over seeds."""
+    varying = _varying(runs)
+    label = lambda r: _setting(r, varying[r["method"]])  # noqa: E731
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in runs:
         key = (FAMILY.get(r["method"], r["method"]), round(r["deletion_frac"], 4))
-        groups.setdefault(key, {}).setdefault(_setting(r), []).append(r)
+        groups.setdefault(key, {}).setdefault(label(r), {})[r["seed"]] = r
     chosen = {}
     for key, settings in groups.items():
-        best = max(settings, key=lambda s: sum(map(_score, settings[s])) / len(settings[s]))
-        chosen[key] = (best, settings[best])
+        if per_seed:
+            seeds = sorted({seed for by_seed in settings.values() for seed in by_seed})
+            picks = [max((by_seed[seed] for by_seed in settings.values() if seed in by_seed), key=_score)
+                     for seed in seeds]
+            names = [label(r) for r in picks]
+            chosen[key] = (names[0] if len(set(names)) == 1 else " / ".join(names), picks)
+        else:
+            best = max(settings, key=lambda s: sum(map(_score, settings[s].values())) / len(settings[s]))
+            chosen[key] = (best, list(settings[best].values()))
     return chosen
 
 
@@ -207,11 +240,15 @@ def plot(chosen: dict, base: dict, metrics: list[str], path: Path, title: str) -
             ax.axhline(base[metric][0], color="gray", linestyle="--", label="manipulated model")
         ax.set_xlabel("identified share of S_m (%)")
         ax.set_ylabel(f"{metric} (%)")
+        ax.set_xticks(sorted({100 * f for _, f in chosen}))
+        low, high = ax.get_ylim()
+        ax.set_ylim(max(0.0, low), min(100.0, high))  # percentages: std bars are cut at 0 and 100
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -223,14 +260,16 @@ def report(args) -> str:
     runs = load_runs(args.runs)
     kind = runs[0]["config"]["dataset_method"]
     metrics = ["Acc_corr", "Acc_retain"] + (["ASR"] if kind == "poisoning" else [])
-    chosen = select(runs)
+    chosen = select(runs, per_seed=args.select == "per-seed")
     base = manipulated_model(runs)
     stem = Path(args.out)
     md = write_tables(report_rows(chosen, base, metrics + ["acc_Sm", "acc_Sf"]), stem)
     write_json(stem.with_suffix(".json"), {
-        "runs": str(args.runs), "selection": "per method and fraction, the setting with the best mean "
-        "over seeds of (val_Acc_corr + val_Acc_retain) / 2",
-        "chosen": [{"method": m, "fraction": f, "setting": s, "seeds": [r["seed"] for r in rs]}
+        "runs": [str(r) for r in args.runs], "selection": "per method and fraction, the setting with the best "
+        + ("validation score of each seed's run" if args.select == "per-seed" else "mean validation score over seeds")
+        + ", score = (val_Acc_corr + val_Acc_retain) / 2",
+        "chosen": [{"method": m, "fraction": f, "setting": s, "seeds": [r["seed"] for r in rs],
+                    "per_seed": [_setting(r) for r in rs]}
                    for (m, f), (s, rs) in sorted(chosen.items())]})
     cfg = runs[0]["config"]
     title = args.title or (f"{kind}, |S_m|={cfg['forget_set_size']}, {cfg['model']}/{cfg['dataset']}"

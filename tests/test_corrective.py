@@ -293,7 +293,7 @@ def test_sweep_plan_dry_runs_and_report_selects_on_validation(tmp_path, capsys, 
         base = {"checkpoint": "b", "metrics": {"Acc_corr": 20.0, "Acc_retain": 60.0, "ASR": 85.0}}
         for frac in (0.5, 1.0):
             for lam, val, test in ((1.0, 50.0, 40.0), (10.0, 30.0, 90.0)):  # the test-best one loses on val
-                runs.append({"method": "ssd", "seed": seed, "deletion_frac": frac, "base": base,
+                runs.append({"method": "ssd", "seed": seed, "name": f"SSD {lam} {frac}", "deletion_frac": frac, "base": base,
                              "config": {"dataset_method": "poisoning", "forget_set_size": 100, "model": "smallcnn",
                                         "dataset": "cifar10", "subset": 5000,
                                         "params": {"SSDdampening": lam, "SSDselectwt": 10.0, "k": -1}},
@@ -305,6 +305,12 @@ def test_sweep_plan_dry_runs_and_report_selects_on_validation(tmp_path, capsys, 
         run_main(corrective_sweep.main, ["report", str(runs_file), "--out", str(tmp_path / "fig" / "sweep")])
     assert e.value.code == 0
     md = (tmp_path / "fig" / "sweep.md").read_text()
-    assert "SSDdampening=1, SSDselectwt=10" in md and "40.50 ± 0.71" in md and "90.50" not in md
+    assert "| λ=1 |" in md and "40.50 ± 0.71" in md and "90.50" not in md
+    runs[0]["val_Acc_corr"] = 0.0  # seed 0 now prefers lambda=10 on validation
+    runs_file.write_text("\n".join(json.dumps(r) for r in runs) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_main(corrective_sweep.main, ["report", str(runs_file), "--out", str(tmp_path / "fig" / "sweep")])
+    md = (tmp_path / "fig" / "sweep.md").read_text()
+    assert "λ=10 / λ=1" in md and "65.50 ± 34.65" in md  # seed 0: 90, seed 1: 41
     assert "manipulated model" in md and "85.00 ± 0.00" in md
     assert (tmp_path / "fig" / "sweep.png").stat().st_size > 1000
