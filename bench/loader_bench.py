@@ -5,7 +5,11 @@ the input pipeline differs:
   ours      : uint8 split resident on the device, crop/flip/normalise as batch tensor ops
   standard  : torchvision ImageFolder + RandomCrop/RandomHorizontalFlip/ToTensor/Normalize
               per sample, DataLoader(num_workers = cores)
-It also splits our step time into input pipeline vs model compute.
+It also splits our step time: the input pipeline alone (batching, crop/flip, normalisation),
+the model compute alone (forward, backward and optimizer step on one resident batch, no
+bookkeeping), the loop's metrics alone (loss and accuracy accumulated on the device), and
+"outside model compute" = our full step minus the bare compute step. On CUDA (or with
+--epoch) it also times one full training epoch through engine.fit.
 
     python bench/loader_bench.py --model smallcnn --batch-size 256 --steps 40
     python bench/loader_bench.py --model resnet18 --batch-size 512 --steps 100   # on a GPU
@@ -77,6 +81,57 @@ def input_pipeline_seconds(loader, steps, device):
     return time.perf_counter() - t0
 
 
+def compute_only_seconds(model, batch, cfg: dict, steps: int, warmup: int) -> float:
+    """Forward + loss + backward + optimizer + scheduler step on one resident batch: what
+    engine.fit's step costs without input pipeline, metrics or logging."""
+    device = next(model.parameters()).device
+    tc = engine.TrainConfig(**{**cfg, "steps": steps})
+    amp = engine.resolve_amp(tc.amp, device)
+    x, y = batch.x, batch.y
+    if device.type == "cuda" if tc.channels_last is None else tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fwd = torch.compile(model) if tc.compile else model
+    opt = engine.make_optimizer(model.parameters(), tc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_multiplier(tc, steps, steps))
+    model.train()
+
+    def step():
+        with engine.autocast(device, amp):
+            loss = torch.nn.functional.cross_entropy(fwd(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+
+    for _ in range(warmup):
+        step()
+    engine.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    engine.sync(device)
+    return time.perf_counter() - t0
+
+
+def metrics_seconds(batch_size: int, num_classes: int, steps: int, device) -> float:
+    """engine.fit's per-step bookkeeping (loss, correct, seen accumulated on the device)."""
+    logits = torch.randn(batch_size, num_classes, device=device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
+    loss = logits.logsumexp(1).mean()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = torch.zeros((), device=device, dtype=torch.long)
+    engine.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss_sum += loss.detach().float()
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    engine.sync(device)
+    return time.perf_counter() - t0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smallcnn")
@@ -86,6 +141,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--skip-standard", action="store_true")
+    p.add_argument("--epoch", action="store_true", help="also time one full epoch (default on CUDA)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="each timing is the fastest of this many interleaved repeats")
     add_runtime_args(p)
     args = p.parse_args(argv)
     device = setup_runtime(args)
@@ -101,27 +159,52 @@ def main(argv=None):
                        augment=Augment(), drop_last=True)
     n_img = args.steps * args.batch_size
 
-    torch.manual_seed(0)
-    t_ours = timed_fit(get_model(args.model, info.num_classes).to(device), ours, cfg, args.steps, args.warmup)
-    t_input = input_pipeline_seconds(ours, args.steps, device)
+    import torchvision
+
+    t_ours = t_input = t_compute = t_metrics = float("inf")
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike
+        torch.manual_seed(0)
+        t_ours = min(t_ours, timed_fit(get_model(args.model, info.num_classes).to(device), ours, cfg,
+                                       args.steps, args.warmup))
+        t_input = min(t_input, input_pipeline_seconds(ours, args.steps, device))
+        torch.manual_seed(0)
+        t_compute = min(t_compute, compute_only_seconds(get_model(args.model, info.num_classes).to(device),
+                                                        next(iter(ours)), cfg, args.steps, args.warmup))
+        t_metrics = min(t_metrics, metrics_seconds(args.batch_size, info.num_classes, args.steps, device))
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, model {args.model}, "
-          f"batch {args.batch_size}, bf16 autocast {amp}, steps {args.steps}")
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
+          f"model {args.model}, batch {args.batch_size}, bf16 autocast {amp}, steps {args.steps}, "
+          f"fastest of {args.repeats}")
     print(f"ours      : {n_img / t_ours:9.1f} images/s  ({t_ours / args.steps * 1000:.1f} ms/step)")
     print(f"  input pipeline (batching + augmentation + normalisation): "
           f"{t_input / args.steps * 1000:.2f} ms/step = {100 * t_input / t_ours:.2f} % of step time")
+    print(f"  loop metrics (loss/accuracy accumulation): {t_metrics / args.steps * 1000:.3f} ms/step = "
+          f"{100 * t_metrics / t_ours:.2f} % of step time")
+    print(f"  model compute alone (fwd+bwd+optimizer on one resident batch): {t_compute / args.steps * 1000:.1f} ms/step;"
+          f" outside model compute: {(t_ours - t_compute) / args.steps * 1000:.2f} ms/step = "
+          f"{100 * (t_ours - t_compute) / t_ours:.2f} % of step time")
     if not args.skip_standard:
-        torch.manual_seed(0)
         std_stream = DataLoaderStream(standard_loader(folder, args.batch_size, args.workers,
                                                       device.type == "cuda", info.mean, info.std), device)
-        t_std = timed_fit(get_model(args.model, info.num_classes).to(device), std_stream, cfg,
-                          args.steps, args.warmup)
+        t_std = float("inf")
+        for _ in range(args.repeats):
+            torch.manual_seed(0)
+            t_std = min(t_std, timed_fit(get_model(args.model, info.num_classes).to(device), std_stream, cfg,
+                                         args.steps, args.warmup))
         print(f"standard  : {n_img / t_std:9.1f} images/s  ({t_std / args.steps * 1000:.1f} ms/step, "
               f"ImageFolder + DataLoader, {args.workers} workers)")
         print(f"speed-up  : {t_std / t_ours:.2f}x")
-    if device.type == "cuda":
-        epoch = len(split) / (n_img / t_ours)
-        print(f"epoch time at this rate ({len(split)} images): {epoch:.2f} s")
+    if device.type == "cuda" or args.epoch:
+        torch.manual_seed(0)
+        model = get_model(args.model, info.num_classes).to(device)
+        engine.fit(model, ours, engine.TrainConfig(**{**cfg, "steps": args.warmup}), desc="warmup")
+        engine.sync(device)
+        t0 = time.perf_counter()
+        engine.fit(model, ours, engine.TrainConfig(**{**cfg, "epochs": 1}), desc="epoch")
+        engine.sync(device)
+        epoch = time.perf_counter() - t0
+        print(f"one epoch measured ({len(ours)} steps, {len(ours) * args.batch_size} images, engine.fit): "
+              f"{epoch:.2f} s (at the timed rate: {len(split) / (n_img / t_ours):.2f} s)")
     return 0
 
 
