@@ -21,6 +21,7 @@ Saves CHECKPOINT_DIR/orthogonal_projection/<tag>.pt and RESULTS_DIR/orthogonal_p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def tag(args, model_name) -> str:
     return "_".join(parts)
 
 
+def file_digest(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = train_config(args)
@@ -100,12 +105,6 @@ def main(argv=None):
     name = tag(args, model_name)
     ckpt = Path(args.out) if args.out else Path(args.checkpoint_dir or checkpoint_dir()) / \
         "orthogonal_projection" / f"{name}.pt"
-    if ckpt.exists() and not args.force:
-        print(f"{ckpt} exists; pass --force to retrain")
-        return 0
-    device = setup_runtime(args)
-    data = prepare_data(DataSpec(args.dataset, args.subset, args.val_frac, args.split_seed), seed=args.seed)
-    overrides, poison_meta = poison_overrides(args.poison, data, args.poison_seed, args.poison_file)
     linear = None
     if not args.no_project:
         linear = Path(args.linear_ckpt) if args.linear_ckpt else linear_model_path(
@@ -113,11 +112,23 @@ def main(argv=None):
         if not linear.is_file():
             raise UserError(f"linear model {linear} not found; run orthogonal_projection_step_1.py "
                             f"{args.poison} with the same --dataset/--subset first, or pass --linear-ckpt")
+    linear_digest = file_digest(linear) if linear else None
+    if ckpt.exists() and not args.force:
+        # The name does not encode step 1's model: a rerun of step 1 must not be silently ignored.
+        if engine.load_checkpoint(ckpt)[1].get("linear_sha1") == linear_digest:
+            print(f"{ckpt} exists; pass --force to retrain")
+            return 0
+        print(f"{ckpt} was trained with another linear model than {linear}; retraining")
+    device = setup_runtime(args)
+    data = prepare_data(DataSpec(args.dataset, args.subset, args.val_frac, args.split_seed), seed=args.seed)
+    overrides, poison_meta = poison_overrides(args.poison, data, args.poison_seed, args.poison_file)
+    if linear:
         weight = load_class_weights(linear, data.num_classes, data.train.x.shape[1:])
         overrides["transform"] = OrthogonalProjection(weight)
     augment = Augment() if args.no_strong_aug else StrongAugment()
     extra = {"poison": args.poison, "poison_meta": poison_meta, "project": not args.no_project,
-             "linear_ckpt": str(linear) if linear else None, "strong_aug": not args.no_strong_aug,
+             "linear_ckpt": str(linear) if linear else None, "linear_sha1": linear_digest,
+             "strong_aug": not args.no_strong_aug,
              "cutmix": {"beta": args.beta, "prob": args.cutmix_prob}}
     logger = RunLogger(not args.no_log and distributed.is_main(), args.wandb_project, f"op2-{name}",
                        vars(args))

@@ -54,6 +54,7 @@ def op_table(root: Path) -> str:
     rows = []
     seeds = sorted({k[2] for k in runs})
     for poison in sorted({k[0] for k in runs} - {"clean"}):
+        full = []
         for s in seeds:
             clean, pois, proj = (runs.get(("clean", False, s)), runs.get((poison, False, s)),
                                  runs.get((poison, True, s)))
@@ -62,14 +63,26 @@ def op_table(root: Path) -> str:
             if None not in (clean, pois, proj):
                 row["gap won back (%)"] = 100 * (proj - pois) / (clean - pois) if clean != pois else None
                 row["projected − clean"] = proj - clean
+                full.append(row)
             rows.append(row)
+        if len(full) > 1:
+            cols = ("clean training", "poison, no projection", "poison, orthogonal projection",
+                    "gap won back (%)", "projected − clean")
+            mean = {"poison": poison, "seed": f"mean ± std ({len(full)})"}
+            for c in cols:
+                m_, sd = mean_std([r[c] for r in full])
+                mean[c] = f"{m_:.2f} ± {sd:.2f}"
+            rows.append(mean)
+    table = write_tables(rows, root / "table_op") if rows else ""
+    linear = []
     for f in sorted((root / "orthogonal_projection").glob("*_linear.json")):
         r = load(f)
-        rows.append({"poison": f"{r['poison']} (linear model, step 1)", "seed": r["seed"],
-                     "poison, no projection": r["train_acc"], "clean training": None,
-                     "poison, orthogonal projection": None,
-                     "gap won back (%)": None, "projected − clean": r["clean_test_acc"]})
-    return write_tables(rows, root / "table_op") if rows else ""
+        linear.append({"poison": r["poison"], "subset": r.get("subset"), "epochs": r["epochs"],
+                       "train acc on the poison": r["train_acc"], "clean test acc": r["clean_test_acc"]})
+    if linear:
+        table += "\n\nStep 1, the bias-free linear model on the poisoned images:\n\n" + \
+            write_tables(linear, root / "table_op_linear")
+    return table
 
 
 def sep_table(root: Path) -> str:

@@ -246,6 +246,14 @@ def test_orthogonal_projection_and_separability_scripts_end_to_end(tiny_env):
     assert out["meta"]["project"] and 0 <= out["test_acc"] <= 100
     assert run(op2, "lsp", "--model", "smallcnn", "--epochs", "1", "--no-project", "--no-strong-aug") == 0
     assert (res / "lsp_smallcnn_noproj_weakaug_e1.json").is_file()
+    # A rerun of step 1 (another linear model) retrains step 2 instead of reusing its checkpoint.
+    ckpt = tiny_env / "checkpoint_dir" / "orthogonal_projection" / "lsp_smallcnn_proj_e1.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    assert run(op2, "lsp", "--model", "smallcnn", "--epochs", "1", "--batch_size", "64") == 0
+    assert ckpt.stat().st_mtime_ns == stamp  # same linear model: skipped
+    assert run(op1, "lsp", "--epochs", "5", "--batch_size", "128") == 0
+    assert run(op2, "lsp", "--model", "smallcnn", "--epochs", "1", "--batch_size", "64") == 0
+    assert ckpt.stat().st_mtime_ns != stamp
 
     assert run(tls, "ops", "--steps", "3") == 0
     sep = json.loads((tiny_env / "results_dir" / "linear_separability" / "test-linear-sep-ops.json").read_text())
