@@ -519,11 +519,22 @@ def fit_probe_lbfgs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps
     dev = next(model.parameters()).device
     n = len(x)
     yd = y.to(dev)
-    opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max_iter)
 
     def chunks():
         for s in range(0, n, chunk):
             yield x[s:s + chunk].to(dev, non_blocking=True), yd[s:s + chunk]
+
+    return fit_probe_lbfgs_chunks(model, chunks, n, steps=steps, lr=lr, max_iter=max_iter,
+                                  progress=progress)
+
+
+def fit_probe_lbfgs_chunks(model: nn.Module, chunks: Callable, n: int, *, steps: int, lr: float,
+                           max_iter: int, progress: Callable[[int, float, float], None] | None = None
+                           ) -> dict:
+    """fit_probe_lbfgs over any source of the full set: `chunks()` yields (x, y) on the model's
+    device and together covers all n samples once."""
+    dev = next(model.parameters()).device
+    opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max_iter)
 
     def closure():
         opt.zero_grad()

@@ -53,7 +53,8 @@ from datasets import Batch, BatchLoader, balanced_subset, load_split  # noqa: E4
 from models import get_model  # noqa: E402
 from reporting import write_json  # noqa: E402
 from unlearnable import (dfr_cached, extract_features, fit_class_weights, fit_head_lbfgs,  # noqa: E402
-                         flush_denormal_grad, flush_denormals, make_probe, min_max_01_, perturbations)
+                         fit_probe_lbfgs_chunks, flush_denormal_grad, flush_denormals, make_probe,
+                         min_max_01_, perturbations)
 
 
 # ----------------------------------------------------------------------------- standard feeds
@@ -160,38 +161,12 @@ def bench_op1(args, device) -> list[dict]:
 def fit_probe_lbfgs_loader(model, loader, n, *, steps, lr, max_iter) -> dict:
     """unlearnable.fit_probe_lbfgs with the chunks coming from a DataLoader (same closure)."""
     dev = next(model.parameters()).device
-    opt = torch.optim.LBFGS(model.parameters(), lr=lr, max_iter=max_iter)
 
     def chunks():
         for xb, yb in loader:
             yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
 
-    def closure():
-        opt.zero_grad()
-        total = torch.zeros((), device=dev)
-        for xb, yb in chunks():
-            loss = F.cross_entropy(flush_denormal_grad(model(xb)), yb, reduction="sum") / n
-            loss.backward()
-            total += loss.detach()
-        return total
-
-    @torch.no_grad()
-    def measure():
-        correct, total = 0, 0.0
-        for xb, yb in chunks():
-            logits = model(xb)
-            correct += int((logits.argmax(1) == yb).sum())
-            total += float(F.cross_entropy(logits, yb, reduction="sum"))
-        return 100.0 * correct / n, total / n
-
-    accs, losses = [], []
-    for _ in range(steps):
-        with flush_denormals():
-            opt.step(closure)
-            acc, loss = measure()
-        accs.append(acc)
-        losses.append(loss)
-    return {"train_acc": accs, "train_loss": losses}
+    return fit_probe_lbfgs_chunks(model, chunks, n, steps=steps, lr=lr, max_iter=max_iter)
 
 
 def bench_linsep(args, device) -> list[dict]:
