@@ -259,17 +259,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     save_atomic({"state_dict": state, "meta": meta}, Path(path))
 
 
+def read_plain(path: Path, what: str):
+    """torch.load with weights_only=True (a stranger's file must not run code); one clear line
+    when the file is missing or holds anything but tensors and plain data."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]} "
+                        "(only tensors and plain metadata are loaded)") from None
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """(state_dict, meta). Accepts our format, `{"net": ...}` (I-BAU release),
     `{"state_dict": ...}`/`{"model": ...}` (SalUn code) and bare state_dicts."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]} "
-                        "(only tensors and plain metadata are loaded)") from None
+    blob = read_plain(path, "checkpoint")
     if not isinstance(blob, dict):
         raise UserError(f"checkpoint {path} does not hold a state_dict")
     for key in ("state_dict", "net", "model"):

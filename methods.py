@@ -445,13 +445,7 @@ def save_mask(path: str | Path, mask: dict[str, torch.Tensor], **meta) -> Path:
 def load_mask(path: str | Path, model: nn.Module | None = None, device=None) -> dict[str, torch.Tensor]:
     """Read a mask saved by `save_mask`, or an official SalUn `with_{t}.pt` ({name: 0/1});
     with `model`, names and shapes are checked against it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"mask file {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read mask {path}: {str(e).splitlines()[0][:160]}") from None
+    blob = engine.read_plain(Path(path), "mask file")
     mask = blob.get("mask", blob) if isinstance(blob, dict) else None
     if not isinstance(mask, dict) or not all(isinstance(v, torch.Tensor) for v in mask.values()):
         raise UserError(f"{path} is not a mask file (expected {{param name: 0/1 tensor}})")
