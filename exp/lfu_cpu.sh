@@ -39,7 +39,7 @@ if [[ $step == op || $step == all ]]; then
   done
 fi
 if [[ $step == sep || $step == all ]]; then
-  for p in clean ops lsp cwrandom; do  # 10k perturbations, 100 L-BFGS steps (500 on a GPU)
-    flock "$LOCK" python test_linear_separability.py $p --subset 10000 --steps 100 $RT
+  for p in clean ops lsp l2-ar cwrandom; do  # 10k perturbations, the paper's 500 L-BFGS steps
+    flock "$LOCK" python test_linear_separability.py $p --subset 10000 --steps 500 $RT
   done
 fi

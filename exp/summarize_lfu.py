@@ -1,6 +1,6 @@
 """Tables of exp/lfu_cpu.sh: DFR (final and peak checkpoint, per seed and mean ± std), orthogonal
 projection (clean / poisoned / projected test accuracy and the share of the gap won back), and
-linear separability. Usage: python exp/summarize_lfu.py [RESULTS_DIR]  (default results/lfu)."""
+linear separability (with all probes' curves in RESULTS_DIR/linear_separability.png). Usage: python exp/summarize_lfu.py [RESULTS_DIR]  (default results/lfu)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reporting import markdown_table, mean_std, write_tables  # noqa: E402
+from reporting import mean_std, write_tables  # noqa: E402
 
 
 def load(path: Path):
@@ -92,7 +92,36 @@ def sep_table(root: Path) -> str:
         rows.append({"poison": r["poison"], "n": r["n"], "hidden layers": r["hidden_layers"],
                      "L-BFGS steps": r["steps"], "final train acc": r["final_train_acc"],
                      "seconds": r["seconds"]})
+    if rows:
+        plot_separability(root)
     return write_tables(rows, root / "table_sep") if rows else ""
+
+
+def plot_separability(root: Path) -> Path:
+    """All probes' training accuracy against the L-BFGS step in one figure (PNG, written atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for f in sorted((root / "linear_separability").glob("*.json")):
+        r = load(f)
+        label = f"{r['poison']} ({r['hidden_layers']} hidden)" if r["hidden_layers"] else r["poison"]
+        label = "clean images" if label == "clean" else label
+        ax.plot(range(1, len(r["train_acc"]) + 1), r["train_acc"], label=label)
+    ax.set_xlabel("L-BFGS step")
+    ax.set_ylabel("training accuracy (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Linear separability of the perturbations", fontsize=10)
+    fig.tight_layout()
+    path = root / "linear_separability.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path
 
 
 if __name__ == "__main__":
@@ -102,4 +131,3 @@ if __name__ == "__main__":
         md = fn(root)
         if md:
             print(f"## {name}\n\n{md}")
-    _ = markdown_table
