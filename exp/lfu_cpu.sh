@@ -39,7 +39,9 @@ if [[ $step == op || $step == all ]]; then
   done
 fi
 if [[ $step == sep || $step == all ]]; then
-  for p in clean ops lsp l2-ar cwrandom; do  # 10k perturbations, the paper's 500 L-BFGS steps
-    flock "$LOCK" python test_linear_separability.py $p --subset 10000 --steps 500 $RT
+  # All 50,000 training perturbations, the paper's 500 L-BFGS steps. On a 10k subset the probe
+  # (30,730 parameters) separates even the clean images and the L2-AR noise (100 / 95.7 %).
+  for p in clean ops lsp l2-ar cwrandom; do
+    flock "$LOCK" python test_linear_separability.py $p --steps 500 ${SEP_SUBSET:+--subset $SEP_SUBSET} $RT
   done
 fi
