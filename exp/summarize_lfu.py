@@ -105,11 +105,15 @@ def plot_separability(root: Path) -> Path:
     fig = Figure(figsize=(5.5, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
+    colours = {}  # one colour per poison; the subset runs dashed
     for f in sorted((root / "linear_separability").glob("*.json")):
         r = load(f)
-        label = f"{r['poison']} ({r['hidden_layers']} hidden)" if r["hidden_layers"] else r["poison"]
-        label = "clean images" if label == "clean" else label
-        ax.plot(range(1, len(r["train_acc"]) + 1), r["train_acc"], label=label)
+        colour = colours.setdefault(r["poison"], f"C{len(colours)}")
+        label = "clean images" if r["poison"] == "clean" else r["poison"]
+        label += f", {r['hidden_layers']} hidden" if r["hidden_layers"] else ""
+        label += f", n={r['n']:,}"
+        ax.plot(range(1, len(r["train_acc"]) + 1), r["train_acc"], label=label,
+                color=colour, linestyle="-" if r["n"] >= 50000 else "--")
     ax.set_xlabel("L-BFGS step")
     ax.set_ylabel("training accuracy (%)")
     ax.set_ylim(0, 101)
