@@ -1,6 +1,7 @@
 """Tables of exp/lfu_cpu.sh: DFR (final and peak checkpoint, per seed and mean ± std), orthogonal
 projection (clean / poisoned / projected test accuracy and the share of the gap won back), and
-linear separability (with all probes' curves in RESULTS_DIR/linear_separability.png). Usage: python exp/summarize_lfu.py [RESULTS_DIR]  (default results/lfu)."""
+linear separability (all probes' curves in RESULTS_DIR/linear_separability.png).
+Usage: python exp/summarize_lfu.py [RESULTS_DIR]  (default results/lfu)."""
 from __future__ import annotations
 
 import json
