@@ -597,8 +597,10 @@ def flush_denormals():
 # --- Plots ------------------------------------------------------------------------------------
 
 def plot_lines(path, x, series: dict, xlabel: str, ylabel: str, title: str = "",
-               hlines: dict | None = None) -> Path:
-    """A PNG line plot (matplotlib without pyplot: no global state)."""
+               hlines: dict | None = None, styles: dict | None = None) -> Path:
+    """A PNG line plot (matplotlib without pyplot: no global state), written atomically.
+    `x` is shared by every series; with x=None each series is its own (xs, ys) pair.
+    `styles` maps a label to extra `ax.plot` keywords (colour, linestyle, ...)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -606,7 +608,9 @@ def plot_lines(path, x, series: dict, xlabel: str, ylabel: str, title: str = "",
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for label, ys in series.items():
-        ax.plot(x, ys, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+        xs, ys = ys if x is None else (x, ys)
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label,
+                **(styles or {}).get(label, {}))
     for label, yv in (hlines or {}).items():
         ax.axhline(yv, linestyle="--", color="grey", label=label)
     ax.set_xlabel(xlabel)
@@ -619,5 +623,7 @@ def plot_lines(path, x, series: dict, xlabel: str, ylabel: str, title: str = "",
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
     return path

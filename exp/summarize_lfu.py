@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from reporting import mean_std, write_tables  # noqa: E402
+from unlearnable import plot_lines  # noqa: E402
 
 
 def load(path: Path):
@@ -99,34 +100,19 @@ def sep_table(root: Path) -> str:
 
 
 def plot_separability(root: Path) -> Path:
-    """All probes' training accuracy against the L-BFGS step in one figure (PNG, written atomically)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    colours = {}  # one colour per poison; the subset runs dashed
+    """All probes' training accuracy against the L-BFGS step in one figure."""
+    series, styles, colours = {}, {}, {}  # one colour per poison; the subset runs dashed
     for f in sorted((root / "linear_separability").glob("*.json")):
         r = load(f)
-        colour = colours.setdefault(r["poison"], f"C{len(colours)}")
         label = "clean images" if r["poison"] == "clean" else r["poison"]
         label += f", {r['hidden_layers']} hidden" if r["hidden_layers"] else ""
         label += f", n={r['n']:,}"
-        ax.plot(range(1, len(r["train_acc"]) + 1), r["train_acc"], label=label,
-                color=colour, linestyle="-" if r["n"] >= 50000 else "--")
-    ax.set_xlabel("L-BFGS step")
-    ax.set_ylabel("training accuracy (%)")
-    ax.set_ylim(0, 101)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Linear separability of the perturbations", fontsize=10)
-    fig.tight_layout()
-    path = root / "linear_separability.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    return path
+        series[label] = (range(1, len(r["train_acc"]) + 1), r["train_acc"])
+        styles[label] = {"color": colours.setdefault(r["poison"], f"C{len(colours)}"),
+                         "linestyle": "-" if r["n"] >= 50000 else "--"}
+    return plot_lines(root / "linear_separability.png", None, series, "L-BFGS step",
+                      "training accuracy (%)", "Linear separability of the perturbations",
+                      styles=styles)
 
 
 if __name__ == "__main__":
