@@ -611,22 +611,27 @@ class BackdoorEval:
     @torch.no_grad()
     def __call__(self, model) -> dict:
         import engine
-        from metrics import accuracy, attack_success_rate, robust_accuracy
+        from metrics import accuracy
 
         logits, y = engine.predict(model, self.clean)
-        out = {"acc": accuracy(logits, y)}
+        return {"acc": accuracy(logits, y), **self.attack_metrics(model),
+                "n_eval": self.n_eval, "n_asr": self.n_asr}
+
+    @torch.no_grad()
+    def attack_metrics(self, model) -> dict:
+        """ASR, the release's ASR (target class included) and R-Acc on the triggered images."""
+        import engine
+        from metrics import accuracy, attack_success_rate, robust_accuracy
+
         logits, _ = engine.predict(model, self.triggered)
         p, y = logits.argmax(1), self.y_true
         if self.mode == "all2all":
-            out["asr"] = out["asr_incl_target"] = accuracy(p, self.y_attack)
-            out["racc"] = accuracy(p, y)
-        else:
-            t = int(self.target)
-            out["asr"] = attack_success_rate(p, y, t)
-            out["asr_incl_target"] = attack_success_rate(p, y, t, include_target_class=True)
-            out["racc"] = robust_accuracy(p, y, t)
-        out.update(n_eval=self.n_eval, n_asr=self.n_asr)
-        return out
+            return {"asr": accuracy(p, self.y_attack), "asr_incl_target": accuracy(p, self.y_attack),
+                    "racc": accuracy(p, y)}
+        t = int(self.target)
+        return {"asr": attack_success_rate(p, y, t),
+                "asr_incl_target": attack_success_rate(p, y, t, include_target_class=True),
+                "racc": robust_accuracy(p, y, t)}
 
 
 def backdoor_metrics(model, split, indices, attack: dict, *, normalize: bool, device,

@@ -277,18 +277,37 @@ def stratified_split(labels: torch.Tensor, frac: float, seed: int = 0,
     return kept, held
 
 
+def balanced_quotas(counts: list[int], n: int) -> list[int]:
+    """How many of each class a class-balanced draw of n takes: equal shares (the first
+    n mod C classes one more); a class with fewer members than its share gives all it has
+    and the rest is shared out among the others (GTSRB's test split has short classes)."""
+    quotas, open_ = [0] * len(counts), list(range(len(counts)))
+    remaining = n
+    while open_:
+        share, extra = divmod(remaining, len(open_))
+        want = {c: share + (1 if i < extra else 0) for i, c in enumerate(open_)}
+        short = [c for c in open_ if counts[c] < want[c]]
+        if not short:
+            for c in open_:
+                quotas[c] = want[c]
+            break
+        for c in short:
+            quotas[c] = counts[c]
+            remaining -= counts[c]
+        open_ = [c for c in open_ if c not in short]
+    return quotas
+
+
 def balanced_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
-    """n indices (sorted), as equal per class as possible, seeded."""
+    """n indices (sorted), as equal per class as possible (`balanced_quotas`), seeded."""
     if n <= 0 or n > len(labels):
         raise UserError(f"--subset must be between 1 and {len(labels)}, got {n}")
     y = labels.numpy()
     classes = np.unique(y)
     rng = _rng(seed)
-    per = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
-    picks = []
-    for c, k in zip(classes, per):
-        members = np.flatnonzero(y == c)
-        picks.append(rng.choice(members, min(k, len(members)), replace=False))
+    members = [np.flatnonzero(y == c) for c in classes]
+    per = balanced_quotas([len(m) for m in members], n)
+    picks = [rng.choice(m, k, replace=False) for m, k in zip(members, per)]
     return torch.from_numpy(np.sort(np.concatenate(picks))).long()
 
 

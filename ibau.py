@@ -17,7 +17,11 @@ expects (the caller normalises or not); δ lives in that same space.
 """
 from __future__ import annotations
 
+import types
+from contextlib import contextmanager
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from constants import UserError
@@ -28,16 +32,33 @@ def _perturb(x, delta, clamp):
     return z if clamp is None else z.clamp(*clamp)
 
 
+PROJECTIONS = ("end", "step")
+
+
+def project_l2(delta: torch.Tensor, radius: float | None) -> torch.Tensor:
+    """δ · min(1, radius/‖δ‖₂): the L2 ball of the release's notebooks (None = unbounded)."""
+    if radius is None:
+        return delta
+    return delta * (radius / delta.norm()).clamp(max=1.0)
+
+
 def fit_universal_perturbation(model, batches, lr: float = 10.0, reg: float = 1e-3,
                                radius: float | None = None, clamp=None,
-                               optimizer: str = "sgd") -> torch.Tensor:
+                               optimizer: str = "sgd", projection: str = "end") -> torch.Tensor:
     """Stage (a): δ from zero, one optimiser step per batch, one pass.
 
-    radius: L2-ball projection after every step (None = the CLI release, 10 = the notebooks).
+    radius: the L2 bound (None = unbounded, the release's defense.py).
+    projection: "end" scales δ onto the ball once, after the pass (the release's notebooks,
+      which made its published numbers); "step" projects after every step. "step" keeps
+      only the last few batches' ascent directions (each step of lr 10 is about as long as
+      the ball's radius, so it overwrites most of δ), which is why it fails to find the
+      trigger on the release's own models (README, I-BAU ablation).
     clamp: (lo, hi) applied to x+δ (the GTSRB notebook clamps to (0, 1)).
     optimizer: "sgd" (release) or "adam" (the GTSRB notebook uses Adam with lr=1.0)."""
     if not batches:
         raise UserError("I-BAU needs at least one batch of clean unlearning data")
+    if projection not in PROJECTIONS:
+        raise UserError(f"unknown δ projection '{projection}': use {' or '.join(PROJECTIONS)}")
     x0 = batches[0][0]
     delta = torch.zeros((1, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, requires_grad=True)
     if optimizer not in ("sgd", "adam"):
@@ -52,10 +73,11 @@ def fit_universal_perturbation(model, batches, lr: float = 10.0, reg: float = 1e
         # autograd.grad, not backward(): the model's .grad must stay untouched here
         (delta.grad,) = torch.autograd.grad(loss, [delta])
         opt.step()
-        if radius is not None:
+        if projection == "step":
             with torch.no_grad():
-                delta.mul_((radius / delta.norm()).clamp(max=1.0))
-    return delta.detach()
+                delta.copy_(project_l2(delta, radius))
+    delta = delta.detach()
+    return project_l2(delta, radius) if projection == "end" else delta
 
 
 def make_inner_map(model, x0, y0, step: float = 0.1, reg: float = 1e-3, clamp=None):
@@ -109,12 +131,15 @@ def fixed_point_hypergradient(params, hparams, K: int, fp_map, outer_loss,
     hparams = list(hparams)
     live = [h for h in hparams if h.requires_grad]
     loss = outer_loss(params, live)
-    g_params = _grads(loss, params, retain_graph=True)
-    g_hparams = _grads(loss, live)
+    grads = _grads(loss, params + live)  # one backward pass for ∇δ and ∇θ
+    g_params, g_hparams = grads[:len(params)], grads[len(params):]
 
     mapped = fp_map(params, live)
-    v = [torch.zeros_like(p) for p in params]
-    for _ in range(K):
+    # The first iteration from v₀ = 0 gives v₁ = ∇δL exactly: the release spends a
+    # double-backward pass on (∂Φ/∂δ)ᵀ·0; skipping it changes no bit of the result.
+    v = list(g_params)
+    done = torch.sqrt(sum((a ** 2).sum() for a in v)) < tol  # the release's test on ‖v₁ − v₀‖
+    for _ in range(0 if done else K - 1):
         prev = v
         jv = _grads(mapped, params, grad_outputs=v, retain_graph=True)
         v = [a + b for a, b in zip(jv, g_params)]
@@ -129,9 +154,103 @@ def fixed_point_hypergradient(params, hparams, K: int, fp_map, outer_loss,
     return [next(it) if h.requires_grad else None for h in hparams]
 
 
+class _Conv2dExplicitBackward(torch.autograd.Function):
+    """F.conv2d whose backward is written with differentiable ops (a transposed conv for the
+    input gradient). The hypergradient differentiates the backward pass itself; through
+    PyTorch's own conv backward, every Hessian-vector product also computes a weight-gradient
+    convolution it then throws away (~35 % of each product). Through this one, autograd
+    differentiates conv_transpose2d, which computes only what is asked for."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        g_x = g_w = g_b = None
+        if ctx.needs_input_grad[0]:
+            size = [(g_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i]
+                    + dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
+            extra = [x.shape[2 + i] - size[i] for i in range(2)]  # strides that dropped pixels
+            g_x = F.conv_transpose2d(g_out, weight, None, stride, padding, extra, groups, dilation)
+        if ctx.needs_input_grad[1]:
+            g_w = torch.ops.aten.convolution_backward(
+                g_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [False, True, False])[1]
+        if has_bias and ctx.needs_input_grad[2]:
+            g_b = g_out.sum((0, 2, 3))
+        return g_x, g_w, g_b, None, None, None, None
+
+
+def _conv2d_explicit(conv, x):
+    return _Conv2dExplicitBackward.apply(x, conv.weight, conv.bias, conv.stride, conv.padding,
+                                         conv.dilation, conv.groups)
+
+
+def _affine_batchnorm(bn, x):
+    """Eval-mode BatchNorm written as the per-channel affine map it is, x·s + t with
+    s = γ/√(σ²+ε) and t = β − μ·s: the same function and the same gradients for γ and β (the
+    running statistics are constants in eval mode), but a double backward of a few products
+    instead of autograd's general batch-norm double backward."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = bn.weight * scale
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = bn.bias + shift
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+@contextmanager
+def fast_double_backward(model):
+    """Within the block the model computes the same function (values agree to ~1e-6) with
+    layers whose double backward is cheap: every plain zero-padded Conv2d through
+    `_Conv2dExplicitBackward`, every eval-mode BatchNorm with running statistics as
+    `_affine_batchnorm`; and denormal floats are flushed to zero (a saturated softmax
+    makes gradients of ~1e-40, on which CPU arithmetic runs ~100× slower; torch's worker
+    threads copy the setting when they start, so a script sets it first thing, as defense.py
+    does). Together a round of I-BAU on the release's small VGG takes 0.6× the time."""
+    swapped = []
+    for m in model.modules():
+        if (type(m) is nn.Conv2d and m.padding_mode == "zeros"
+                and not isinstance(m.padding, str)):
+            swapped.append((m, _conv2d_explicit))
+        elif (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training
+              and m.running_var is not None):
+            swapped.append((m, _affine_batchnorm))
+    for m, fn in swapped:
+        m.forward = types.MethodType(fn, m)
+    torch.set_flush_denormal(True)
+    try:
+        yield model
+    finally:
+        torch.set_flush_denormal(False)
+        for m, _ in swapped:
+            del m.forward
+
+
+@contextmanager
+def frozen(model):
+    """Parameters temporarily without gradients: δ's fit needs none of them."""
+    live = [p for p in model.parameters() if p.requires_grad]
+    for p in live:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in live:
+            p.requires_grad_(True)
+
+
 def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1,
                reg: float = 1e-3, perturb_frac: float = 0.01, delta_lr: float = 10.0,
-               delta_optimizer: str = "sgd", radius: float | None = None, clamp=None,
+               delta_optimizer: str = "sgd", radius: float | None = None,
+               projection: str = "end", clamp=None,
                generator: torch.Generator | None = None, min_perturbed: int = 0) -> dict:
     """One I-BAU round: fit δ, then one outer step per batch (zero_grad → hypergradient →
     step). Leaves the model in eval() mode. Returns {"delta", "outer_losses"}.
@@ -142,24 +261,26 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
     if K < 1:
         raise UserError(f"I-BAU needs K >= 1 fixed-point iterations, got {K}")
     model.eval()
-    delta = fit_universal_perturbation(model, batches, lr=delta_lr, reg=reg, radius=radius,
-                                       clamp=clamp, optimizer=delta_optimizer)
-    x0, y0 = batches[0][0], batches[0][1]
-    fp_map = make_inner_map(model, x0, y0, step=inner_step, reg=reg, clamp=clamp)
-    hparams = [p for p in model.parameters() if p.requires_grad]
-    losses = []
+    with fast_double_backward(model):
+        with frozen(model):
+            delta = fit_universal_perturbation(model, batches, lr=delta_lr, reg=reg,
+                                               radius=radius, clamp=clamp,
+                                               optimizer=delta_optimizer, projection=projection)
+        x0, y0 = batches[0][0], batches[0][1]
+        fp_map = make_inner_map(model, x0, y0, step=inner_step, reg=reg, clamp=clamp)
+        hparams = [p for p in model.parameters() if p.requires_grad]
+        losses = []
+        for batch in batches:
+            x, y = batch[0], batch[1]
+            chosen = random_subset(len(x), perturb_frac, generator, min_perturbed)
+            outer = make_outer_loss(model, x, y, chosen, clamp)
 
-    for batch in batches:
-        x, y = batch[0], batch[1]
-        outer = make_outer_loss(model, x, y, random_subset(len(x), perturb_frac, generator,
-                                                         min_perturbed), clamp)
+            def recorded(params, hp, outer=outer):
+                loss = outer(params, hp)
+                losses.append(float(loss.detach()))
+                return loss
 
-        def recorded(params, hp, outer=outer):
-            loss = outer(params, hp)
-            losses.append(float(loss.detach()))
-            return loss
-
-        outer_opt.zero_grad()
-        fixed_point_hypergradient([delta], hparams, K, fp_map, recorded)
-        outer_opt.step()
+            outer_opt.zero_grad()
+            fixed_point_hypergradient([delta], hparams, K, fp_map, recorded)
+            outer_opt.step()
     return {"delta": delta, "outer_losses": losses}

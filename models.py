@@ -212,7 +212,9 @@ class SmallVGG(Classifier):
         layers, c_in = [], 3
         for width, drop in ((32, 0.3), (64, 0.4), (128, 0.4)):
             for _ in range(2):
-                layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width), nn.ELU()]
+                layers += [nn.Conv2d(c_in, width, 3, padding=1), nn.BatchNorm2d(width),
+                           nn.ELU(inplace=True)]  # inplace as released: its backward reads
+                # the output, not exp(input), which underflows to slow denormals for a large δ
                 c_in = width
             layers += [nn.MaxPool2d(2), nn.Dropout(drop)]
         self.features = nn.Sequential(*layers, nn.Flatten())

@@ -149,3 +149,40 @@ def test_round_keeps_eval_mode_and_bn_stats():
     assert any(not torch.equal(p, weights[k]) for k, p in model.named_parameters())
     assert out["delta"].shape == (1, 3, 6, 6) and len(out["outer_losses"]) == 2
 
+
+
+def test_fast_double_backward_same_hypergradient():
+    # strided, grouped, biased and bias-free convolutions, eval-mode BatchNorm, an odd input
+    # size (a stride-2 conv drops a pixel): the explicit-backward conv and the affine
+    # BatchNorm must give the hypergradient PyTorch's own layers give
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ELU(inplace=True),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False), nn.BatchNorm2d(8),
+        nn.ELU(), nn.Conv2d(8, 6, 2, stride=2, dilation=1), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.rand(6, 3, 11, 11)
+    model(x)  # materialise the lazy head
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    model.eval().double()
+    x, y = x.double(), torch.tensor([0, 1, 2, 3, 0, 1])
+    delta = 0.3 * torch.randn(1, 3, 11, 11, dtype=torch.float64)
+    hp = list(model.parameters())
+
+    def hypergradient():
+        fp_map = ibau.make_inner_map(model, x[:3], y[:3])
+        outer = ibau.make_outer_loss(model, x, y, torch.tensor([1, 4]))
+        return ibau.fixed_point_hypergradient([delta], hp, 4, fp_map, outer, set_grad=False)
+
+    plain = hypergradient()
+    with ibau.fast_double_backward(model):
+        assert all("forward" in vars(m) for m in model.modules()
+                   if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)))
+        fast = hypergradient()
+    assert not any("forward" in vars(m) for m in model.modules())  # restored
+    for a, b in zip(plain, fast):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
