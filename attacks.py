@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from constants import UserError
+from views import TrainingView
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
 MODES = ("all2one", "all2all", "clean_label")
@@ -431,98 +432,18 @@ def corner_patch_stamp(x: torch.Tensor, patch_size: int = 3, *, value: float,
     return out
 
 
-# --- From command-line flags to a poisoned training stream (train.py --attack) ----------
+# --- Backdoored training sets ---------------------------------------------------------
 
 ATTACKS = ("badnets", "blend", "trojan_sq", "trojan_wm", "sig", "l0_inv", "l2_inv", "release_file")
-# flag dest -> trigger parameter; which of them a trigger takes comes from its dataclass fields
-_TRIGGER_FLAGS = {"trigger_size": "size", "trigger_position": "position",
-                  "trigger_margin": "margin", "trigger_value": "value", "blend_alpha": "alpha",
-                  "sig_delta": "delta", "sig_freq": "freq", "trigger_seed": "seed"}
-_ATTACK_FLAGS = ("poison_rate", "target", "attack_mode", "poison_seed", "trigger_file",
-                 "trigger_mask", *_TRIGGER_FLAGS)
-
-
-def add_attack_args(p) -> None:
-    """The `--attack` option group (train.py). Every flag defaults to None so that a flag
-    given without --attack, or one the chosen trigger does not take, is an error."""
-    g = p.add_argument_group("backdoor attack (poison the training set; default: no attack)")
-    g.add_argument("--attack", default=None, metavar="KIND",
-                   help=f"trigger: {', '.join(ATTACKS)} (release_file needs --trigger-file)")
-    g.add_argument("--poison-rate", type=float, default=None,
-                   help="poisoned share of the training images (default 0.1; the I-BAU release "
-                        "used 0.2). clean_label draws them from the target class only")
-    g.add_argument("--target", type=int, default=None,
-                   help="target class (default 0; the I-BAU BadNets release used 8)")
-    g.add_argument("--attack-mode", default=None, metavar="MODE",
-                   help="all2one (default), all2all (y -> y+1 mod C) or clean_label (default for sig)")
-    g.add_argument("--poison-seed", type=int, default=None,
-                   help="seed of the poisoned-index draw (default: --seed)")
-    g.add_argument("--trigger-size", type=int, default=None, help="badnets / trojan_sq square side (px)")
-    g.add_argument("--trigger-position", default=None,
-                   help=f"badnets / trojan_sq: {', '.join(POSITIONS)}")
-    g.add_argument("--trigger-margin", type=int, default=None, help="px between patch and border")
-    g.add_argument("--trigger-value", default=None,
-                   help="badnets patch gray level, or R,G,B (0-255; default 255)")
-    g.add_argument("--blend-alpha", type=float, default=None, help="blend ratio (default 0.2)")
-    g.add_argument("--sig-delta", type=float, default=None, help="SIG amplitude (0-255 scale, default 40)")
-    g.add_argument("--sig-freq", type=float, default=None, help="SIG frequency (default 6)")
-    g.add_argument("--trigger-seed", type=int, default=None,
-                   help="seed of the regenerated pattern (blend, trojan_*, l0_inv, l2_inv)")
-    g.add_argument("--trigger-file", default=None,
-                   help="a trigger PNG of the I-BAU release (triggers/*.png); --attack release_file")
-    g.add_argument("--trigger-mask", default=None, help="mask.npy for --trigger-file (l0_inv)")
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def _parse_value(text):
-    try:
-        parts = [int(v) for v in str(text).split(",")]
-    except ValueError:
-        raise UserError(f"--trigger-value must be a gray level or R,G,B integers, got '{text}'") from None
-    if any(not 0 <= v <= 255 for v in parts):
-        raise UserError(f"--trigger-value entries must be in 0-255, got '{text}'")
-    return parts[0] if len(parts) == 1 else parts
-
-
-def trigger_from_args(args) -> Trigger:
-    """The trigger that `--attack` and the trigger flags describe."""
-    kind = str(args.attack).strip().lower().replace("-", "_")
-    if kind not in ATTACKS:
-        raise UserError(f"unknown --attack '{args.attack}': choose one of {', '.join(ATTACKS)}")
-    if kind == "release_file":
-        if not getattr(args, "trigger_file", None):
-            raise UserError("--attack release_file needs --trigger-file PATH.png")
-        extra = [_flag(d) for d in _TRIGGER_FLAGS if getattr(args, d, None) is not None]
-        if extra:
-            raise UserError(f"{', '.join(extra)} do not apply to a release trigger file")
-        return load_release_trigger(args.trigger_file, getattr(args, "trigger_mask", None))
-    for d in ("trigger_file", "trigger_mask"):
-        if getattr(args, d, None) is not None:
-            raise UserError(f"{_flag(d)} needs --attack release_file")
-    allowed = {f.name for f in fields(TRIGGERS[kind]) if f.init}
-    params = {}
-    for dest, name in _TRIGGER_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if name not in allowed:
-            takes = sorted(_flag(d) for d, n in _TRIGGER_FLAGS.items() if n in allowed)
-            raise UserError(f"{_flag(dest)} does not apply to --attack {kind} "
-                            f"(it takes {', '.join(takes) or 'no trigger flags'})")
-        params[name] = _parse_value(value) if dest == "trigger_value" else value
-    return make_trigger(kind, **params)
 
 
 @dataclass
 class PoisonPlan:
-    """What training needs (`loader_overrides` for training.train_classifier) and what the
-    checkpoint records (`meta`, plain data: enough to re-apply the trigger at test time)."""
+    """What training needs (`view`: the backdoored training set) and what the checkpoint
+    records (`meta`, plain data: enough to re-apply the trigger at test time)."""
 
     trigger: Trigger
-    loader_overrides: dict
+    view: TrainingView
     meta: dict
     tag: str
 
@@ -531,9 +452,10 @@ def plan_poisoning(split, pool: torch.Tensor, trigger: Trigger, *, target, rate:
                    seed: int, mode: str = "all2one", num_classes: int | None = None) -> PoisonPlan:
     """Poison round(rate·|pool|) of the training images `pool` (indices into `split`).
 
-    The poisoned uint8 images replace the originals in the loader before augmentation
-    (`replace=`) and their labels are overridden (`labels=`, full length), so training
-    runs on the loader's fast path. Indices in the meta are counted and hashed, not listed."""
+    The poisoned uint8 images replace the originals in the loader before augmentation and
+    their labels are overridden (the view), so training runs on the loader's fast path.
+    `split` may itself be a manipulated view of the data (`TrainingView.apply_to`: a backdoor
+    on top of an availability poison). Indices in the meta are counted and hashed, not listed."""
     pool = torch.as_tensor(pool).long().cpu()
     num_classes = int(num_classes or split.num_classes)
     local, images, new_labels = poison_training_set(split.x[pool], split.y[pool], trigger, target,
@@ -543,30 +465,11 @@ def plan_poisoning(split, pool: torch.Tensor, trigger: Trigger, *, target, rate:
     labels[idx] = new_labels
     meta = {"trigger": trigger.to_meta(), "target": None if mode == "all2all" else int(target),
             "mode": mode, "rate": float(rate), "n_poisoned": len(idx), "pool_size": len(pool),
-            "poison_seed": int(seed), "num_classes": num_classes,
+            "attack_seed": int(seed), "num_classes": num_classes,
             "poisoned_indices_sha1": hashlib.sha1(idx.numpy().tobytes()).hexdigest()}
     tag = f"{trigger.kind}-{mode}" + ("" if mode == "all2all" else f"-t{int(target)}") + f"-p{rate:g}"
-    return PoisonPlan(trigger, {"replace": (idx, images), "labels": labels}, meta, tag)
-
-
-def poison_from_args(args, split, pool: torch.Tensor, num_classes: int | None = None):
-    """PoisonPlan from train.py's flags, or None without --attack."""
-    if getattr(args, "attack", None) is None:
-        given = [_flag(d) for d in _ATTACK_FLAGS if getattr(args, d, None) is not None]
-        if given:
-            raise UserError(f"{', '.join(given)} need(s) --attack KIND")
-        return None
-    trigger = trigger_from_args(args)
-    mode = args.attack_mode or ("clean_label" if trigger.kind == "sig" else "all2one")
-    if mode not in MODES:
-        raise UserError(f"unknown --attack-mode '{mode}': use one of {', '.join(MODES)}")
-    if mode == "all2all" and args.target is not None:
-        raise UserError("--target does not apply to --attack-mode all2all (labels become y+1 mod C)")
-    target = None if mode == "all2all" else (0 if args.target is None else args.target)
-    rate = 0.1 if args.poison_rate is None else args.poison_rate
-    seed = args.poison_seed if args.poison_seed is not None else getattr(args, "seed", 0)
-    return plan_poisoning(split, pool, trigger, target=target, rate=rate, seed=seed, mode=mode,
-                          num_classes=num_classes)
+    return PoisonPlan(trigger, TrainingView(replace_idx=idx, replace_images=images, labels=labels),
+                      meta, tag)
 
 
 # --- Measuring a backdoor: clean accuracy, ASR, R-Acc on chosen test images -------------

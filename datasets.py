@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from constants import DATASETS, UserError, cache_dir, canonical_dataset_name, data_root
+from views import TrainingView
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
@@ -411,26 +412,22 @@ class BatchLoader:
     """Batches of one split, with the data resident on `device`.
 
     What the model sees can be changed in three places, in this order:
-      1. `replace=(indices, uint8 images)`: per-sample replacements before augmentation
-         (poisons, blended triggers); built once, the split itself is not modified;
+      1. the view's replacement images (`views.TrainingView`), before augmentation (poisons,
+         blended triggers); built once, the split itself is not modified;
       2. `transform(x, idx)`: a float transform on the whole batch in [0, 1] pixel space,
          before augmentation (e.g. orthogonal projection);
       then augmentation and normalisation, and finally
-      3. `stamp(x)`: applied after augmentation to the samples where `stamp_mask` is True,
-         after normalisation if `stamp_after_normalize` (the corrective paper's trigger).
-    `labels` (a full-length tensor) overrides the split's labels per sample.
+      3. the view's stamp, after augmentation, on the samples its `stamp_mask` marks (after
+         normalisation if `stamp_after_normalize`: the corrective paper's trigger).
+    The view's labels (one per sample of the split) replace the split's.
     Shuffling is seeded by (seed, epoch) so any epoch can be replayed exactly (resume).
     """
 
     def __init__(self, split: Split, indices: torch.Tensor | None = None, *, batch_size: int = 512,
                  shuffle: bool = False, seed: int = 0, device: str | torch.device = "cpu",
                  augment: Augment | None = None, normalize: bool = True, mean=None, std=None,
-                 labels: torch.Tensor | None = None,
-                 replace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 transform: Callable | None = None,
-                 stamp: Callable | None = None, stamp_mask: torch.Tensor | None = None,
-                 stamp_after_normalize: bool = True, drop_last: bool = False,
-                 shard: tuple[int, int] | None = None):
+                 view: TrainingView | None = None, transform: Callable | None = None,
+                 drop_last: bool = False, shard: tuple[int, int] | None = None):
         self.device = torch.device(device)
         self.shard = shard  # (rank, world_size): this process's share of every epoch
         self.indices = (torch.arange(len(split)) if indices is None else indices.long()).cpu()
@@ -438,21 +435,11 @@ class BatchLoader:
             raise UserError("loader indices fall outside the split")
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.augment, self.transform = augment, transform
-        self.stamp, self.stamp_after_normalize = stamp, stamp_after_normalize
-        x = split.x
-        if replace is not None:
-            r_idx, r_img = replace
-            if r_img.dtype != torch.uint8 or r_img.shape[1:] != x.shape[1:] or len(r_img) != len(r_idx):
-                raise UserError("replacement images must be uint8 with the split's image shape, "
-                                "one per index")
-            x = x.clone()
-            x[r_idx.long()] = r_img
-        self.x = x.to(self.device)
-        y = split.y if labels is None else labels
-        if len(y) != len(split):
-            raise UserError("label override must have one label per sample of the split")
-        self.y = y.long().to(self.device)
-        self.stamp_mask = None if stamp_mask is None else stamp_mask.bool().to(self.device)
+        view = view or TrainingView()
+        self.stamp, self.stamp_after_normalize = view.stamp, view.stamp_after_normalize
+        self.x = view.images(split.x).to(self.device)
+        self.y = view.targets(split.y).long().to(self.device)
+        self.stamp_mask = None if view.stamp_mask is None else view.stamp_mask.bool().to(self.device)
         self.normalize = normalize
         if normalize:
             info = DATASETS.get(split.name)

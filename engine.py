@@ -7,11 +7,12 @@ into `(loss, logits, labels)` (logits/labels may be None when accuracy means not
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -20,13 +21,16 @@ from tqdm import tqdm
 
 import distributed
 from constants import UserError
-from datasets import save_atomic
+from datasets import Augment, save_atomic
 
 
 @dataclass
 class TrainConfig:
+    """How to train: the one description every script, method and cache key uses."""
+
     epochs: int = 10
     steps: int | None = None  # an iteration budget; overrides epochs when set
+    batch_size: int = 256
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
@@ -37,17 +41,33 @@ class TrainConfig:
     gamma: float = 0.1
     warmup: float = 0.0  # linear warm-up, as a fraction of all steps
     final_lr_frac: float = 0.0  # where `linear` decays to
+    augment: bool = True  # random crop + horizontal flip of the training stream
+    label_smoothing: float = 0.0  # of the default cross-entropy loss
+    grad_clip: float | None = None
+    train_mode: bool = True  # False keeps BatchNorm/dropout in eval mode while training
+    # how to run it, not what is trained: left out of experiment files and cache keys
     amp: bool | None = None  # bf16 autocast; None = on for CUDA, off for CPU
     channels_last: bool | None = None  # None = on for CUDA
     compile: bool = False
-    grad_clip: float | None = None
     log_every: int = 50
-    train_mode: bool = True  # False keeps BatchNorm/dropout in eval mode while training
+
+    RUNTIME: ClassVar[tuple[str, ...]] = ("amp", "channels_last", "compile", "log_every")
+    SCHEDULES: ClassVar[tuple[str, ...]] = ("cosine", "multistep", "linear", "constant")
+    OPTIMIZERS: ClassVar[tuple[str, ...]] = ("sgd", "adam")
 
     def plain(self) -> dict:
         d = asdict(self)
         d["milestones"] = list(d["milestones"])
         return d
+
+    @classmethod
+    def recipe_fields(cls) -> list[str]:
+        """The fields that say what is trained (everything but RUNTIME)."""
+        return [f.name for f in fields(cls) if f.name not in cls.RUNTIME]
+
+    def augmentation(self) -> Augment:
+        """The stream's augmentation: crop + flip, or none."""
+        return Augment() if self.augment else Augment(crop=0, flip=False)
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -85,9 +105,9 @@ def lr_multiplier(cfg: TrainConfig, steps_per_epoch: int, total_steps: int) -> C
     return at
 
 
-def cross_entropy_loss(model: nn.Module, batch):
+def cross_entropy_loss(model: nn.Module, batch, label_smoothing: float = 0.0):
     logits = model(batch.x)
-    return F.cross_entropy(logits, batch.y), logits, batch.y
+    return F.cross_entropy(logits, batch.y, label_smoothing=label_smoothing), logits, batch.y
 
 
 class Chain:
@@ -121,18 +141,21 @@ def resolve_amp(cfg_amp: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if cfg_amp is None else cfg_amp
 
 
-def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable = cross_entropy_loss,
+def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None = None,
         params=None, after_backward: Callable | None = None, after_step: Callable | None = None,
         evaluate: Callable[[nn.Module, int], dict] | None = None,
         resume_path: str | Path | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
         desc: str = "train") -> list[dict]:
     """Train `model` in place. Returns the per-epoch history.
 
-    `after_backward(model)` runs after backward (gradient masks), `after_step(model)` after
+    `loss_fn(model, item) -> (loss, logits, labels)`; default: cross-entropy with the config's
+    label smoothing. `after_backward(model)` runs after backward (gradient masks), `after_step(model)` after
     each optimizer step (projections, restoring frozen weights). With `resume_path`, the
     full training state is saved there after every epoch and picked up on the next call;
     the loader replays epochs by seed, so a resumed run ends bit-identical on CPU.
     """
+    if loss_fn is None:
+        loss_fn = functools.partial(cross_entropy_loss, label_smoothing=cfg.label_smoothing)
     device = _device_of(model)
     amp = resolve_amp(cfg.amp, device)
     channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last

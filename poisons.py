@@ -1276,3 +1276,20 @@ def poison_file_path(key: str, dataset: str, n: int, seed: int = 0, eps: float |
         blob = json.dumps(options, sort_keys=True, default=repr).encode()
         parts.append("opt" + hashlib.sha1(blob).hexdigest()[:6])
     return base.with_name("_".join([base.stem, *parts]) + ".pt")
+
+
+# --- A poisoned training set as a view of the clean one --------------------------------
+
+def poison_view(key: str, data, *, seed: int = 0, path=None):
+    """(TrainingView putting poison `key` (or the file `path`) in place of the images being
+    trained on, data.retain_idx, or None for the clean baseline; the poison's meta). The one
+    way every script builds a poisoned training set."""
+    from views import TrainingView
+
+    images, labels, meta = poisoned_train_set(key, data.spec.dataset, seed=seed, path=path,
+                                              split=data.train)
+    if key == "clean" and path is None:
+        return None, meta
+    idx = data.retain_idx
+    own_labels = None if torch.equal(labels, data.train.y) else labels  # NTGA brings its own
+    return TrainingView(replace_idx=idx, replace_images=images[idx], labels=own_labels), meta

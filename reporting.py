@@ -1,12 +1,40 @@
-"""Results on disk: JSON (atomic), JSON lines, CSV and Markdown tables, mean ± std rows."""
+"""Results on disk: JSON (atomic), JSON lines, CSV and Markdown tables, mean ± std rows.
+
+Every result record written here (a JSON object, or a line of a JSON-lines file) carries the
+git commit of the code that produced it (`commit`; "+dirty" when the checkout had
+uncommitted changes, null outside a git checkout).
+"""
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit this code was run from ('+dirty' with uncommitted changes), or None."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _stamped(obj):
+    return {**obj, "commit": obj.get("commit", git_commit())} if isinstance(obj, dict) else obj
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -19,14 +47,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+    return write_text_atomic(path, json.dumps(_stamped(obj), indent=2, default=str) + "\n")
 
 
 def append_jsonl(path: str | Path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:  # one short line per write: a crash leaves whole lines
-        f.write(json.dumps(obj, default=str) + "\n")
+        f.write(json.dumps(_stamped(obj), default=str) + "\n")
 
 
 def mean_std(values) -> tuple[float, float]:

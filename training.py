@@ -6,17 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 import distributed
 import engine
-from constants import UserError, canonical_dataset_name
+from constants import canonical_dataset_name, checkpoint_dir
 from datasets import (Augment, BatchLoader, Split, balanced_subset, dataset_info, forget_indices,
                       load_split, stratified_split)
 from models import canonical_model_name, expects_normalized, get_model
+from views import TrainingView
 
 
 @dataclass
@@ -68,12 +70,32 @@ def test_indices_without_class(test: Split, cf: int | None) -> torch.Tensor:
 
 def make_loader(data: PreparedData, split: str, indices, *, model_name: str, batch_size: int,
                 device, train: bool = False, seed: int = 0, augment: Augment | None = None,
-                **overrides) -> BatchLoader:
-    """A loader over the train or test split; `train=True` shuffles and augments."""
+                view: TrainingView | None = None, **kwargs) -> BatchLoader:
+    """A loader over the train or test split (through `view` if given); `train=True`
+    shuffles and augments (crop + flip unless `augment` says otherwise)."""
     source = data.train if split == "train" else data.test
     return BatchLoader(source, indices, batch_size=batch_size, shuffle=train, seed=seed,
                        device=device, augment=(augment or Augment()) if train else None,
-                       normalize=expects_normalized(model_name), **overrides)
+                       normalize=expects_normalized(model_name), view=view, **kwargs)
+
+
+# what a recipe's cache key held before TrainConfig carried the batch size and augmentation
+_KEYED = ("epochs", "steps", "lr", "optimizer", "momentum", "weight_decay", "schedule", "warmup")
+
+
+def recipe_key(cfg: engine.TrainConfig) -> dict:
+    """The part of a cached model's key that says how it was trained. The layout of earlier
+    versions is kept, so their cached models stay found; any other recipe field that differs
+    from its default is added, so a changed setting never reuses a stale model."""
+    defaults = engine.TrainConfig()
+    more = {f: getattr(cfg, f) for f in engine.TrainConfig.recipe_fields()
+            if f not in (*_KEYED, "milestones", "batch_size", "augment")
+            and getattr(cfg, f) != getattr(defaults, f)}
+    key = {"train": {**{f: getattr(cfg, f) for f in _KEYED}, "milestones": list(cfg.milestones)},
+           "batch_size": cfg.batch_size, "augment": cfg.augment}
+    if more:
+        key["more"] = more
+    return key
 
 
 def config_hash(obj) -> str:
@@ -86,20 +108,23 @@ def build_model(model_name: str, num_classes: int, device, seed: int):
 
 
 def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfig, *,
-                     device, batch_size: int, seed: int, ckpt_path: Path,
-                     extra_meta: dict | None = None, augment: Augment | None = None,
+                     device, seed: int, ckpt_path: Path, batch_size: int | None = None,
+                     extra_meta: dict | None = None, augment: Callable | None = None,
                      eval_batch_size: int = 1024, logger=None, resume: bool = True,
-                     on_epoch_end=None, loader_overrides: dict | None = None,
-                     loss_fn=None):
+                     on_epoch_end=None, view: TrainingView | None = None, loss_fn=None):
     """Train from scratch on `data.retain_idx`, evaluate each epoch on val/test, and save
     `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`.
+    The batch size and augmentation are the config's unless given (`augment`: a whole-batch
+    augmentation such as the orthogonal-projection recipe's strong one).
     `loss_fn` (default cross-entropy) is passed to engine.fit, e.g. a CutMix loss;
     `on_epoch_end(epoch, record, model)` runs after every epoch (e.g. per-epoch checkpoints)."""
+    batch_size = batch_size or cfg.batch_size
+    augment = augment or cfg.augmentation()
     num_classes = data.num_classes
     model = build_model(model_name, num_classes, device, seed)
     loader = make_loader(data, "train", data.retain_idx, model_name=model_name,
                          batch_size=batch_size, device=device, train=True, seed=seed,
-                         augment=augment, shard=distributed.shard(), **(loader_overrides or {}))
+                         augment=augment, shard=distributed.shard(), view=view)
     evals = {"test_acc": make_loader(data, "test", test_indices_without_class(data.test, data.spec.cf),
                                       model_name=model_name, batch_size=eval_batch_size, device=device)}
     if len(data.val_idx):
@@ -119,7 +144,7 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     meta["config_hash"] = config_hash(meta)
     resume_path = Path(f"{ckpt_path}.resume-{meta['config_hash']}.pt") if resume else None
     t0 = time.perf_counter()
-    history = engine.fit(model, loader, cfg, loss_fn=loss_fn or engine.cross_entropy_loss,
+    history = engine.fit(model, loader, cfg, loss_fn=loss_fn,
                          evaluate=evaluate, resume_path=resume_path,
                          on_epoch_end=None if on_epoch_end is None else (
                              lambda epoch, record: on_epoch_end(epoch, record, model)),
@@ -136,3 +161,24 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
             resume_path.unlink()  # finished: the checkpoint is the record now
     distributed.barrier()
     return model, meta, history
+
+
+def cache_path(role: str, key: dict, *, model_name: str, dataset: str) -> Path:
+    """Where the model `key` describes lives: CHECKPOINT_DIR/<role>/<model>_<dataset>_<hash>.pt."""
+    return checkpoint_dir() / role / f"{model_name}_{dataset}_{config_hash(key)}.pt"
+
+
+def cached_model(role: str, key: dict, *, model_name: str, dataset: str, device,
+                 train: Callable[[Path], tuple[torch.nn.Module, dict]]):
+    """The one owner of a trained model kept for reuse (base models, retrain references):
+    its path (`cache_path`), the lookup, the training when it is missing (`train(path)`
+    trains and writes `path` atomically, engine.save_checkpoint) and the reuse.
+    Returns (model in eval mode, meta with `cached`, path)."""
+    path = cache_path(role, key, model_name=model_name, dataset=dataset)
+    if path.is_file():
+        state_dict, meta = engine.load_checkpoint(path)
+        model = get_model(model_name, meta["num_classes"]).to(device)
+        engine.load_weights(model, state_dict, path)
+        return model.eval(), {**meta, "cached": True}, path
+    model, meta = train(path)
+    return model.eval(), {**meta, "cached": False}, path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import platform
 import sys
@@ -25,6 +26,8 @@ import torch  # noqa: E402
 
 import engine  # noqa: E402
 import methods  # noqa: E402
+import unlearning  # noqa: E402
+from saliency import saliency_mask  # noqa: E402
 import metrics as MX  # noqa: E402
 from cli import add_runtime_args, run_main, setup_runtime  # noqa: E402
 from reporting import write_json  # noqa: E402
@@ -52,10 +55,8 @@ def main(argv=None):
     subset = args.subset or None
     full = prepare_data(DataSpec(args.dataset, subset, 0.1, 0))
     data = prepare_data(DataSpec(args.dataset, subset, 0.1, 0, cf=args.class_to_forget))
-    recipe = {"train": {"epochs": args.base_epochs, "steps": None, "lr": 0.1, "optimizer": "sgd",
-                        "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "warmup": 0.0,
-                        "milestones": []},
-              "batch_size": args.batch_size, "augment": False}
+    recipe = engine.TrainConfig(epochs=args.base_epochs, lr=0.1, schedule="cosine",
+                                batch_size=args.batch_size, augment=False, amp=args.amp)
     test = make_loader(data, "test", test_indices_without_class(data.test, args.class_to_forget),
                        model_name=args.model, batch_size=1024, device=device)
     forget = make_loader(data, "train", data.forget_idx, model_name=args.model, batch_size=1024, device=device)
@@ -67,11 +68,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         with MX.timer(device) as t:
             base, _ = methods.train_from_scratch(args.model, full, recipe, device=device, seed=0,
-                                                 ckpt_path=Path(tmp) / "base.pt", amp=args.amp, test_eval=False)
+                                                 ckpt_path=Path(tmp) / "base.pt", test_eval=False)
         rows.append({"method": "base (not compared)", "seconds": t.seconds, **accs(base)})
-        setup = lambda **kw: methods.Setup(data=data, model_name=args.model, device=device, seed=0,  # noqa: E731
-                                           batch_size=args.batch_size, augment=False, amp=args.amp,
-                                           base_recipe=recipe, **kw)
+        def setup(mask=None, params=None, **train):
+            cfg = dataclasses.replace(unlearning.UNLEARN_DEFAULTS, batch_size=args.batch_size,
+                                      augment=False, amp=args.amp, **train)
+            return unlearning.Setup(data=data, model_name=args.model, device=device, seed=0,
+                                    train=cfg, base=recipe, mask=mask, params=params or {})
         with MX.timer(device) as t:
             model, _ = methods.retrain_from_scratch(setup(params={"k": -1}))
         retrain = t.seconds
@@ -80,8 +83,9 @@ def main(argv=None):
             lr, epochs, thr = SETTINGS[name]
             model = copy.deepcopy(base)
             with MX.timer(device) as t:
-                mask = methods.saliency_mask(model, setup(lr=lr, epochs=epochs), thr) if thr else None
-                model = methods.unlearn(model, name, setup(lr=lr, epochs=epochs, mask=mask))
+                s = setup(lr=lr, epochs=epochs)
+                mask = saliency_mask(model, unlearning.forget_loader(s, salt=7), thr) if thr else None
+                model = unlearning.unlearn(model, name, setup(lr=lr, epochs=epochs, mask=mask))
             rows.append({"method": name, "seconds": t.seconds, "retrain_over_method": retrain / t.seconds,
                          **accs(model)})
     import torchvision

@@ -1,6 +1,7 @@
 """Corrective unlearning: manipulations (S_f ⊆ S_m, the retain set keeps S_m \\ S_f, the trigger
 after augmentation), SCRUB / BadT / SSD, main.py's corrective keys and the sweep script."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import corrective as C
 import engine
-import methods as M
+import unlearning as U
 from constants import DATASETS, UserError
 from datasets import Augment, BatchLoader, Split
 from training import DataSpec, PreparedData, train_classifier
@@ -83,7 +84,7 @@ def test_trigger_lands_after_augmentation_on_manipulated_samples_only():
     base = tiny_data()
     manip = C.manipulate(base.train, "poisoning", 60, seed=1, candidates=base.retain_idx, value=VALUE)
     loader = BatchLoader(base.train, base.retain_idx, batch_size=64, shuffle=True, seed=5,
-                         augment=Augment(crop=4, flip=True), **manip.loader_overrides())
+                         augment=Augment(crop=4, flip=True), view=manip.view())
     in_sm = torch.zeros(len(base.train), dtype=torch.bool)
     in_sm[manip.manip_idx] = True
     seen = 0
@@ -116,7 +117,7 @@ def _learn_poison(tmp_path):
     cfg = engine.TrainConfig(epochs=3, lr=0.05, schedule="constant", amp=False)
     model, _, _ = train_classifier("smallcnn", base, cfg, device="cpu", batch_size=64, seed=0,
                                    ckpt_path=tmp_path / "base.pt", resume=False,
-                                   loader_overrides=manip.loader_overrides())
+                                   view=manip.view())
     return model, base, manip
 
 
@@ -126,11 +127,12 @@ def poisoned(tmp_path_factory):
     return _learn_poison(tmp_path_factory.mktemp("ck"))
 
 
-def _setup(data, manip, **kw):
-    opts = dict(epochs=1, lr=0.01, batch_size=64, amp=False, seed=0, log=lambda m: None,
-                loader_overrides=manip.loader_overrides())
-    opts.update(kw)
-    return M.Setup(data=data, model_name="smallcnn", **opts)
+def _setup(data, manip, params=None, **train):
+    cfg = dict(epochs=1, lr=0.01, batch_size=64, amp=False)
+    cfg.update(train)
+    return U.Setup(data=data, model_name="smallcnn", seed=0, log=lambda m: None,
+                   train=dataclasses.replace(U.UNLEARN_DEFAULTS, **cfg),
+                   params=params or {}, view=manip.view())
 
 
 def test_ssd_dampens_only_parameters_important_to_the_forget_set(poisoned):
@@ -140,9 +142,9 @@ def test_ssd_dampens_only_parameters_important_to_the_forget_set(poisoned):
     s = _setup(data, manip, params={"SSDdampening": 1.0, "SSDselectwt": 10.0})
     params = list(m.parameters())
     before = [p.detach().clone() for p in params]
-    imp_f = M.ssd_importance(m, M.forget_loader(s, salt=11), params)
-    imp_d = M.ssd_importance(m, M.retain_loader(s, salt=12), params)
-    out = M.unlearn(m, "SSD", s)
+    imp_f = C.ssd_importance(m, U.forget_loader(s, salt=11), params)
+    imp_d = C.ssd_importance(m, U.retain_loader(s, salt=12), params)
+    out = U.unlearn(m, "SSD", s)
     assert out is m
     low = changed = 0
     for p, p0, i_f, i_d in zip(params, before, imp_f, imp_d):
@@ -156,7 +158,7 @@ def test_ssd_dampens_only_parameters_important_to_the_forget_set(poisoned):
     # a mask restricts it further; k restricts it to the last layers
     m2 = copy.deepcopy(model)
     s2 = _setup(data, manip, params={"k": 1})
-    M.unlearn(m2, "SSD", s2)
+    U.unlearn(m2, "SSD", s2)
     for (n, p), p0 in zip(m2.named_parameters(), before):
         if not n.startswith("linear"):
             assert torch.equal(p.detach(), p0), n
@@ -166,7 +168,7 @@ def test_ssd_dampen_formula():
     p = [torch.tensor([1.0, 2.0, 3.0, 4.0])]
     i_f = [torch.tensor([0.0, 1.0, 10.0, 100.0])]
     i_d = [torch.tensor([1.0, 1.0, 1.0, 1.0])]
-    assert M.ssd_dampen(p, i_f, i_d, dampening=2.0, select_weight=5.0) == 2
+    assert C.ssd_dampen(p, i_f, i_d, dampening=2.0, select_weight=5.0) == 2
     assert torch.equal(p[0], torch.tensor([1.0, 2.0, 3.0 * 0.2, 4.0 * 0.02]))
 
 
@@ -174,14 +176,14 @@ def test_scrub_schedule_and_corrective_methods_run(poisoned):
     model, base, manip = poisoned
     forget = BatchLoader(base.train, torch.arange(10), batch_size=5)
     retain = BatchLoader(base.train, torch.arange(10, 40), batch_size=10)
-    stream = M.MaxMinStream(forget, retain, max_steps=4)
+    stream = C.MaxMinStream(forget, retain, max_steps=4)
     tags = [[t for t, _ in stream] for _ in range(3)]
     # the first epoch takes 5 items (2 max + 3 min), so max passes stop after it
     assert tags[0] == ["max"] * 2 + ["min"] * 3 and tags[1] == tags[2] == ["min"] * 3
     data = C.with_deletion(base, manip, 20, seed=0)
     for name, kw in (("scrub", dict(params={"alpha": 0.1}, steps=6)), ("BadT", dict(steps=4)),
                      ("EU", dict(params={"k": 1}, steps=3)), ("CF", dict(params={"k": 1}, steps=3))):
-        out = M.unlearn(copy.deepcopy(model), name, _setup(data, manip, **kw))
+        out = U.unlearn(copy.deepcopy(model), name, _setup(data, manip, **kw))
         assert isinstance(out, torch.nn.Module)
     metrics = C.evaluate(model, data, manip, model_name="smallcnn", batch_size=256, device="cpu", amp=False)
     for key in ("Acc_corr", "Acc_retain", "ASR", "val_Acc_corr", "val_ASR", "acc_Sm", "acc_Sf"):
@@ -189,8 +191,8 @@ def test_scrub_schedule_and_corrective_methods_run(poisoned):
 
 
 def test_badt_incompetent_teacher_is_a_seeded_random_init():
-    t1 = M.random_init_copy("smallcnn", 10, "cpu", 3)
-    t2 = M.random_init_copy("smallcnn", 10, "cpu", 3)
+    t1 = C.random_init_copy("smallcnn", 10, "cpu", 3)
+    t2 = C.random_init_copy("smallcnn", 10, "cpu", 3)
     assert all(torch.equal(a, b) for a, b in zip(t1.state_dict().values(), t2.state_dict().values()))
     assert not any(p.requires_grad for p in t1.parameters())
 

@@ -95,12 +95,12 @@ def test_train_attack_checkpoint_rebuilds_trigger(env, name, flags, expected, mo
     from training import DataSpec, prepare_data
     data = prepare_data(DataSpec("tinyset"), seed=0)
     plan = A.plan_poisoning(train_split, data.retain_idx, rebuilt, target=meta["target"],
-                            rate=meta["rate"], seed=meta["poison_seed"], mode=meta["mode"])
+                            rate=meta["rate"], seed=meta["attack_seed"], mode=meta["mode"])
     assert plan.meta["poisoned_indices_sha1"] == meta["poisoned_indices_sha1"]
     assert meta["n_poisoned"] == round(meta["rate"] * len(data.retain_idx)) > 0
-    idx, imgs = plan.loader_overrides["replace"]
+    idx, imgs = plan.view.replace_idx, plan.view.replace_images
     assert torch.equal(imgs, expected.apply(train_split.x[idx]))
-    labels = plan.loader_overrides["labels"]
+    labels = plan.view.labels
     if mode == "all2one":
         assert (labels[idx] == 1).all() and (train_split.y[idx] != 1).all()
     elif mode == "all2all":
@@ -112,23 +112,23 @@ def test_train_attack_checkpoint_rebuilds_trigger(env, name, flags, expected, mo
 
 def test_attack_flag_errors():
     class Args:  # what argparse would give
-        attack, attack_mode, poison_rate, target, poison_seed, seed = None, None, 0.1, None, None, 0
+        attack, attack_mode, poison_rate, target, attack_seed, seed = None, None, 0.1, None, None, 0
         trigger_file = trigger_mask = trigger_size = trigger_position = trigger_margin = None
         trigger_value = blend_alpha = sig_delta = sig_freq = trigger_seed = None
 
     split = load_split("tinyset", True)
     pool = torch.arange(len(split))
     with pytest.raises(UserError, match="--poison-rate need"):
-        A.poison_from_args(Args, split, pool)
+        train.poison_from_args(Args, split, pool)
     Args.attack, Args.poison_rate, Args.blend_alpha = "badnets", None, 0.2
     with pytest.raises(UserError, match="--blend-alpha does not apply to --attack badnets"):
-        A.poison_from_args(Args, split, pool)
+        train.poison_from_args(Args, split, pool)
     Args.attack, Args.blend_alpha = "nope", None
     with pytest.raises(UserError, match="unknown --attack"):
-        A.poison_from_args(Args, split, pool)
+        train.poison_from_args(Args, split, pool)
     Args.attack, Args.attack_mode, Args.target = "badnets", "all2all", 3
     with pytest.raises(UserError, match="all2all"):
-        A.poison_from_args(Args, split, pool)
+        train.poison_from_args(Args, split, pool)
 
 
 # --- ASR excludes target-class images, end to end ----------------------------------------
@@ -316,3 +316,42 @@ def test_bad_flags_cli_subprocess(env):
     for cmd in runs:
         p = subprocess.run(cmd, cwd=REPO, env=envv, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error:"), p.stderr
+
+
+def test_a_poison_plus_a_backdoor_trains(env, monkeypatch):
+    # the backdoor is planned on the poisoned images, so its triggered images carry the poison
+    seen = {}
+    real = train.train_classifier
+
+    def spy(*args, **kw):
+        seen["view"] = kw["view"]
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train, "train_classifier", spy)
+    ckpt = env / "ckpt" / "poison_plus_backdoor.pt"
+    assert train.main(TRAIN + ["--out", str(ckpt), "--poison", "cwrandom", "--poison-seed", "1",
+                               "--attack", "badnets", "--trigger-size", "3", "--target", "1",
+                               "--poison-rate", "0.2"]) == 0
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True)["meta"]
+    assert meta["poison"]["key"] == "cwrandom" and meta["attack"]["target"] == 1
+    view = seen["view"]
+    import poisons
+    from training import DataSpec, prepare_data
+
+    data = prepare_data(DataSpec("tinyset"), seed=0)
+    poisoned, _, _ = poisons.poisoned_train_set("cwrandom", "tinyset", seed=1, split=data.train)
+    x = view.images(data.train.x)
+    bd = meta["attack"]["n_poisoned"]
+    relabelled = torch.nonzero(view.labels != data.train.y).flatten()
+    assert len(relabelled) == bd > 0 and (view.labels[relabelled] == 1).all()
+    trigger = A.trigger_from_meta(meta["attack"]["trigger"])
+    assert torch.equal(x[relabelled], trigger.apply(poisoned[relabelled]))  # trigger on the poison
+    rest = data.retain_idx[~torch.isin(data.retain_idx, relabelled)]
+    assert torch.equal(x[rest], poisoned[rest])  # the other training images: the poison alone
+
+
+def test_poison_seed_is_the_poisons_alone(env, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_main(train.main, TRAIN + ["--attack", "badnets", "--poison-seed", "3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--attack-seed" in err and err.count("\n") == 1

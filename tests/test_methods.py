@@ -6,7 +6,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import engine
-import methods as M
+import dataclasses
+
+import saliency as S
+import unlearning as M
 from constants import UserError
 from datasets import Split
 from training import DataSpec, PreparedData, make_loader, train_classifier
@@ -40,7 +43,7 @@ def make_data(cf=0, unlr=None, seed=0):
     return PreparedData(train, test, retain, val, forget, DataSpec(dataset="synthetic", cf=cf, unlr=unlr))
 
 
-RECIPE = {"train": {"epochs": 3, "lr": 0.05, "schedule": "constant", "amp": False}, "batch_size": 32}
+RECIPE = engine.TrainConfig(epochs=3, lr=0.05, schedule="constant", amp=False, batch_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +52,7 @@ def base(tmp_path_factory):
     data = make_data()
     full = PreparedData(data.train, data.test, torch.sort(torch.cat([data.retain_idx, data.forget_idx]))[0],
                         data.val_idx, torch.empty(0, dtype=torch.long), DataSpec(dataset="synthetic"))
-    cfg, bs, _ = M.base_recipe_config(RECIPE)
-    model, _, _ = train_classifier("smallcnn", full, cfg, device="cpu", batch_size=bs, seed=0,
+    model, _, _ = train_classifier("smallcnn", full, RECIPE, device="cpu", seed=0,
                                    ckpt_path=tmp_path_factory.mktemp("ck") / "base.pt")
     return model, data
 
@@ -60,10 +62,15 @@ def forget_acc(model, data):
     return engine.accuracy_on(model, ld, amp=False)
 
 
-def setup_for(data, **kw):
-    opts = dict(epochs=2, lr=0.05, batch_size=32, amp=False, seed=0, base_recipe=RECIPE, log=lambda m: None)
-    opts.update(kw)
-    return M.Setup(data=data, model_name="smallcnn", **opts)
+def setup_for(data, params=None, **train):
+    cfg = dict(epochs=2, lr=0.05, batch_size=32, amp=False)
+    cfg.update(train)
+    return M.Setup(data=data, model_name="smallcnn", seed=0, base=RECIPE, log=lambda m: None,
+                   train=dataclasses.replace(M.UNLEARN_DEFAULTS, **cfg), params=params or {})
+
+
+def mask_for(model, s, threshold):
+    return S.saliency_mask(model, M.forget_loader(s, salt=7), threshold)
 
 
 # hyper-parameters per method for the tiny task (a few steps each)
@@ -87,7 +94,7 @@ def test_each_method_lowers_forget_accuracy(base, name):
     s = setup_for(data, **TINY.get(name, {}))
     m = copy.deepcopy(model)
     if M.METHODS[name].forces_mask:
-        s.mask = M.saliency_mask(m, s, 0.5)
+        s.mask = mask_for(m, s, 0.5)
     out = M.unlearn(m, name, s)
     after = forget_acc(out, data)
     assert after < before - 30, f"{name}: forget accuracy {before:.1f} -> {after:.1f}"
@@ -97,7 +104,7 @@ def test_mask_keeps_masked_parameters_bit_identical_under_momentum_and_weight_de
     model, data = base
     m = copy.deepcopy(model)
     s = setup_for(data, lr=0.05, epochs=2, momentum=0.9, weight_decay=5e-4)
-    mask = M.saliency_mask(m, s, 0.3)
+    mask = mask_for(m, s, 0.3)
     s.mask = mask
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     seen = []
@@ -126,20 +133,20 @@ def test_mask_fraction_is_exact_and_round_trips(base, tmp_path):
     model, data = base
     s = setup_for(data)
     for thr in (0.1, 0.5, 1.0):
-        mask = M.saliency_mask(model, s, thr)
+        mask = mask_for(model, s, thr)
         total = sum(p.numel() for p in model.parameters())
         assert sum(int(v.sum()) for v in mask.values()) == int(total * thr)
         assert set(mask) == {n for n, _ in model.named_parameters()}
-    path = M.save_mask(tmp_path / "m.pt", mask, threshold=1.0)
-    again = M.load_mask(path, model)
+    path = S.save_mask(tmp_path / "m.pt", mask, threshold=1.0)
+    again = S.load_mask(path, model)
     assert all(torch.equal(mask[k], again[k]) for k in mask)
     # the official SalUn format: {name: 0/1 float tensor}
     torch.save({k: v.float() for k, v in mask.items()}, tmp_path / "with_0.5.pt")
-    assert all(torch.equal(mask[k], v) for k, v in M.load_mask(tmp_path / "with_0.5.pt", model).items())
+    assert all(torch.equal(mask[k], v) for k, v in S.load_mask(tmp_path / "with_0.5.pt", model).items())
     with pytest.raises(UserError):
-        M.saliency_mask(model, s, 0.0)
+        mask_for(model, s, 0.0)
     with pytest.raises(UserError):
-        M.load_mask(tmp_path / "missing.pt")
+        S.load_mask(tmp_path / "missing.pt")
 
 
 def test_retrain_never_sees_forget_indices(base, monkeypatch):
@@ -179,7 +186,8 @@ def test_aliases_resolve_case_insensitively_but_exact_names_win():
     assert M.resolve("ga")[0].name == "ga"
     assert M.resolve("GA")[0].name == "ga_small"
     for alias, name in (("ft", "ft"), ("Naive", "ft"), ("naive", "ft"), ("cf", "ft"),
-                        ("eu", "retrain"), ("EU", "retrain"), ("SalUn", "salun"), ("SALUN", "salun"),
+                        ("CF-k", "ft"), ("EU-k", "retrain"), ("eu", "retrain"), ("EU", "retrain"),
+                        ("SCRUB", "scrub"), ("BadT", "badt"), ("SSD", "ssd"), ("SalUn", "salun"), ("SALUN", "salun"),
                         ("negGrad+", "neggrad_plus"), ("bs", "boundary_shrink"), ("Be", "boundary_expanding"),
                         ("wfisher", "iu"), ("salun-soft", "salun_soft"), ("RL_SPLIT", "rl_split")):
         assert M.resolve(alias)[0].name == name, alias

@@ -1,0 +1,334 @@
+"""Running validated experiments: the shared models (base, retrain references) trained once
+and cached, one run per (experiment, seed), and the result files.
+
+`Runner.run(exp, index, seed)` returns the run's record: the method's metrics (the forget
+set's own: SalUn's UA/RA/TA/MIA, or the corrective paper's), Avg. Gap to the retrain
+reference where it is defined, timings, the experiment's config and the git commit.
+`run_list` writes one JSON line per run to runs.jsonl, then summary.csv / summary.md (mean
+± std over seeds).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import distributed
+import engine
+import metrics as MX
+import unlearning
+from cli import RunLogger
+from constants import UserError
+from datasets import balanced_subset, write_index_json
+from experiments import Experiment
+from methods import recipe_from_meta, retrain_from_scratch, train_from_scratch
+from models import canonical_model_name, get_model
+from reporting import append_jsonl, summarize, write_tables
+from saliency import load_mask, mask_fraction, save_mask, saliency_mask
+from training import PreparedData, cache_path, cached_model, prepare_data, recipe_key
+
+METRICS = ["UA", "RA", "TA", "MIA", "MIA_RF", "gap", "Acc_corr", "Acc_retain", "ASR", "acc_Sm",
+           "acc_Sf", "time_s"]
+HEADERS = {"UA": "UA", "RA": "RA", "TA": "TA", "MIA": "MIA", "MIA_RF": "MIA-RF",
+           "gap": "Avg. Gap", "Acc_corr": "Acc_corr", "Acc_retain": "Acc_retain", "ASR": "ASR",
+           "acc_Sm": "acc S_m", "acc_Sf": "acc S_f", "time_s": "time (s)"}
+
+
+def digest(idx: torch.Tensor) -> str:
+    return hashlib.sha1(idx.cpu().numpy().tobytes()).hexdigest()[:12]
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+class Runner:
+    def __init__(self, device, out_dir: Path, amp):
+        self.device, self.out_dir, self.amp = device, out_dir, amp
+        self.memo: dict = {}  # data splits, manipulations, metrics: computed once per key
+        self.bases: dict[str, tuple] = {}  # key -> (model, meta, recipe)
+        self.references: dict[str, dict] = {}  # retrain cache path -> metrics
+
+    def cached(self, key, make):
+        key = json.dumps(key, sort_keys=True, default=str)
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    # --- data and models -----------------------------------------------------------
+    def split(self, spec, seed: int | None) -> PreparedData:
+        """prepare_data once per data description (and seed, for a per-seed draw)."""
+        return self.cached(["split", dataclasses.asdict(spec), seed],
+                           lambda: prepare_data(spec, seed=0 if seed is None else seed))
+
+    def data(self, exp: Experiment, seed: int) -> PreparedData:
+        return exp.forget.prepare(self, exp, seed)
+
+    def base_seed(self, exp: Experiment, seed: int | None = None) -> int:
+        """base.seed, else the first seed (SalUn: one base for all runs), or the run's seed
+        where the forget set trains one base model per seed (manipulated data)."""
+        if exp.base_seed is not None:
+            return exp.base_seed
+        return seed if exp.forget.seed_per_base and seed is not None else exp.seed
+
+    def base_key(self, exp: Experiment, seed: int | None = None) -> dict:
+        key = {"role": "base", "model": exp.model,
+               "data": dataclasses.asdict(exp.forget.data_spec(exp, with_forget=False)),
+               "recipe": recipe_key(exp.base), "seed": self.base_seed(exp, seed)}
+        key.update(exp.forget.cache_key(exp, exp.seed if seed is None else seed))
+        return key
+
+    def base_path(self, exp: Experiment, seed: int | None = None) -> Path:
+        if exp.checkpoint:
+            return Path(exp.checkpoint)
+        return cache_path("base", self.base_key(exp, seed), model_name=exp.model, dataset=exp.dataset)
+
+    def base_model(self, exp: Experiment, seed: int):
+        """(model, meta, recipe) of the original model: the checkpoint, or trained once and
+        cached (for manipulated data: the model trained on the run seed's manipulation)."""
+        if exp.checkpoint:
+            key = exp.checkpoint
+            if key not in self.bases:
+                sd, meta = engine.load_checkpoint(key)
+                if meta.get("model") and canonical_model_name(meta["model"]) != canonical_model_name(exp.model):
+                    raise UserError(f"{key} holds a {meta['model']} but the experiment says model "
+                                    f"'{exp.model}': set \"model\"")
+                model = get_model(exp.model, self.data(exp, exp.seed).num_classes).to(self.device)
+                engine.load_weights(model, sd, key)
+                recipe = recipe_from_meta(meta) if isinstance(meta.get("train"), dict) else exp.base
+                self.bases[key] = (model.eval(), meta, recipe)
+            return self.bases[key]
+        key = str(self.base_path(exp, seed))
+        if key not in self.bases:
+            recipe = dataclasses.replace(exp.base, amp=self.amp)
+            model, meta, path = cached_model(
+                "base", self.base_key(exp, seed), model_name=exp.model, dataset=exp.dataset,
+                device=self.device, train=lambda path: self._train_base(exp, seed, recipe, path))
+            if meta["cached"]:
+                print(f"base model: {path} (cached, test acc {meta.get('test_acc', float('nan')):.2f}%)")
+            self.bases[key] = (model, meta, exp.base)
+        return self.bases[key]
+
+    def _train_base(self, exp: Experiment, seed: int, recipe, path: Path):
+        data = self.split(exp.forget.data_spec(exp, with_forget=False), None)
+        extra = {"role": "base", **exp.forget.base_meta(self, exp, seed, path)}
+        print(f"training the base model -> {path}")
+        model, meta = train_from_scratch(exp.model, data, recipe, device=self.device,
+                                         seed=self.base_seed(exp, seed), ckpt_path=path,
+                                         eval_batch_size=exp.eval_batch_size,
+                                         view=exp.forget.view(self, exp, seed), extra_meta=extra)
+        print(f"base model: test acc {meta['test_acc']:.2f}%")
+        return model, meta
+
+    def setup(self, exp: Experiment, data, seed, recipe, mask=None, cache_key=None) -> unlearning.Setup:
+        return unlearning.Setup(
+            data=data, model_name=exp.model, device=self.device, seed=seed,
+            train=dataclasses.replace(exp.train, amp=self.amp), mask=mask, params=dict(exp.params),
+            base=dataclasses.replace(recipe, amp=self.amp), cache_key=cache_key,
+            view=exp.forget.view(self, exp, seed), eval_batch_size=exp.eval_batch_size)
+
+    def retrain_key(self, exp: Experiment, data, seed, recipe) -> dict:
+        key = {"role": "retrain", "model": exp.model,
+               "data": dataclasses.asdict(exp.forget.data_spec(exp, with_forget=False)),
+               "recipe": recipe_key(recipe), "seed": seed, "forget": digest(data.forget_idx),
+               "n_forget": len(data.forget_idx)}
+        key.update(exp.forget.cache_key(exp, seed))  # the retain set may keep manipulated samples
+        return key
+
+    def reference(self, exp: Experiment, data, seed, recipe) -> tuple[dict, torch.nn.Module | None]:
+        """Metrics of the retrain reference for this forget set and seed (trained once, cached)."""
+        key = self.retrain_key(exp, data, seed, recipe)
+        path = cache_path("retrain", key, model_name=exp.model, dataset=exp.dataset)
+        memo = f"{path}|{json.dumps([exp.test_subset, exp.mia_cap, exp.mia_attacks, exp.rf_mia])}"
+        if memo in self.references:
+            return self.references[memo], None
+        if not path.is_file():
+            print(f"training the retrain reference (seed {seed}) -> {path}")
+            write_index_json(path.with_name(path.stem + "_forget.json"), data.forget_idx,
+                             dataset=exp.dataset, split="train")
+        s = self.setup(exp, data, seed, recipe, cache_key=key)
+        s.params = {"k": -1}
+        with MX.timer(self.device) as t:
+            model, meta = retrain_from_scratch(s)
+        seconds = meta.get("train_seconds_this_process") if meta.get("cached") else t.seconds
+        result = self.evaluate(model, exp, data, seed)
+        result.update({"time_s": seconds, "cached": bool(meta.get("cached")), "checkpoint": str(path)})
+        self.references[memo] = result
+        return result, model
+
+    # --- evaluation ----------------------------------------------------------------
+    def evaluate(self, model, exp: Experiment, data: PreparedData, seed: int) -> dict:
+        test_idx = exp.forget.test_indices(data.test)
+        if exp.test_subset:
+            pick = balanced_subset(data.test.y[test_idx], min(exp.test_subset, len(test_idx)), exp.split_seed)
+            test_idx = test_idx[pick]
+        return exp.forget.evaluate(self, model, exp, data, seed, test_idx)
+
+    # --- one run -------------------------------------------------------------------
+    def run(self, exp: Experiment, index: int, seed: int) -> dict:
+        data = self.data(exp, seed)
+        base, base_meta, recipe = self.base_model(exp, seed)
+        record = {"experiment": index, "name": exp.tag, "method": exp.method_name, "seed": seed,
+                  "forget": exp.forget.label(), "n_forget": len(data.forget_idx),
+                  "n_retain": len(data.retain_idx), "forget_digest": digest(data.forget_idx)}
+        ref = None
+        if exp.avg_gap or exp.is_reference:
+            ref, ref_model = self.reference(exp, data, seed, recipe)
+        if exp.is_reference:
+            result = {k: v for k, v in ref.items() if k != "checkpoint"}
+            model = ref_model
+            if model is None and exp.save_model:
+                sd, _ = engine.load_checkpoint(ref["checkpoint"])
+                model = get_model(exp.model, data.num_classes).to(self.device)
+                engine.load_weights(model, sd, ref["checkpoint"])
+            record["reference_checkpoint"] = ref["checkpoint"]
+        else:
+            model, result = self.unlearn(exp, data, seed, recipe, copy.deepcopy(base), record)
+        if ref is not None and exp.forget.has_gap:
+            record["ref"] = {k: ref[k] for k in ("UA", "RA", "TA", "MIA", "VA", "VA_forget") if k in ref}
+            result["gap"] = MX.avg_gap(result, ref)
+        record.update(result)
+        record["base"] = {"checkpoint": str(self.base_path(exp, seed)), "test_acc": base_meta.get("test_acc"),
+                          **exp.forget.base_facts(self, exp, seed, base, data)}
+        record.update(exp.forget.run_facts(exp, data))
+        record["config"] = exp.record()
+        record["device"], record["torch"] = str(self.device), torch.__version__
+        if exp.save_model and model is not None:
+            self.save_models(exp, model, base, data, seed, record)
+        return record
+
+    def unlearn(self, exp: Experiment, data, seed, recipe, model, record) -> tuple:
+        mask_seconds = 0.0
+        with MX.timer(self.device) as t:
+            mask = None
+            if exp.use_mask:
+                with MX.timer(self.device) as tm:
+                    mask = (load_mask(exp.load_mask, model, self.device) if exp.load_mask else
+                            saliency_mask(model, unlearning.forget_loader(
+                                self.setup(exp, data, seed, recipe), salt=7), exp.mask_thr))
+                mask_seconds = tm.seconds
+            model = unlearning.unlearn(model, exp.method, self.setup(exp, data, seed, recipe, mask=mask))
+        with MX.timer(self.device) as te:
+            result = self.evaluate(model, exp, data, seed)
+        result["time_s"], result["eval_s"] = t.seconds, te.seconds
+        if mask is not None:
+            result["mask_s"] = mask_seconds
+            result["mask_fraction"] = mask_fraction(mask)
+            if exp.save_mask and not exp.load_mask:
+                p = save_mask(self.out_dir / "masks" / f"{safe_name(exp.tag)}_seed{seed}.pt", mask,
+                              threshold=exp.mask_thr, forget_digest=record["forget_digest"])
+                record["mask_path"] = str(p)
+        return model, result
+
+    def save_models(self, exp: Experiment, model, base, data, seed, record) -> None:
+        path = self.out_dir / "models" / safe_name(exp.tag) / f"seed{seed}.pt"
+        spec = dataclasses.asdict(exp.forget.data_spec(exp))
+        meta = {"model": exp.model, "num_classes": data.num_classes, "dataset": exp.dataset,
+                "data": spec, "method": exp.method_name, "seed": seed,
+                "class_to_forget": spec["cf"], "forget_digest": record["forget_digest"],
+                "role": "unlearned"}
+        engine.save_checkpoint(path, model, meta)
+        record["model_path"] = str(path)
+        base_path = self.out_dir / "models" / "base" / f"seed{self.base_seed(exp, seed)}.pt"
+        if not base_path.exists():
+            engine.save_checkpoint(base_path, base, {
+                "model": exp.model, "num_classes": data.num_classes, "dataset": exp.dataset,
+                "data": dataclasses.asdict(exp.forget.data_spec(exp, with_forget=False)),
+                "method": "base", "class_to_forget": None, "role": "base"})
+
+
+def plan_lines(exps: list[Experiment], runner: Runner) -> list[str]:
+    lines = []
+    for i, exp in enumerate(exps, 1):
+        base = exp.checkpoint
+        if not base:
+            p = runner.base_path(exp)
+            base = f"{p} ({'cached' if p.is_file() else 'to train'})"
+        subset = f" subset {exp.subset}" if exp.subset else ""
+        budget = f"steps {exp.train.steps}, " if exp.train.steps else f"epochs {exp.train.epochs}, "
+        lines.append(f"{i:>3}. {exp.tag}: {exp.method_name} on {exp.model}/{exp.dataset}{subset}, "
+                     f"forget {exp.forget.label()}, lr {exp.train.lr:g}, " + budget +
+                     f"mask {exp.mask_thr if exp.use_mask else 'no'}, seeds {exp.seeds}; base {base}")
+    return lines
+
+
+def prepare_shared_models(runner: Runner, jobs: list[tuple[int, Experiment, int]]) -> None:
+    """Under torchrun, before any run: every base model and retrain reference the runs need
+    is trained (and cached) by exactly one rank, the others wait; the runs then only read
+    these caches, so no two ranks train or write the same file."""
+    bases = [(exp, seed) for _, exp, seed in jobs if not exp.checkpoint]
+    for n in distributed.share_out([str(runner.base_path(*a)) for a in bases]):
+        runner.base_model(*bases[n])
+    distributed.wait_all()
+    refs, keys = [], []
+    for _, exp, seed in jobs:
+        if exp.avg_gap or exp.is_reference:  # as in Runner.run
+            recipe = runner.base_model(exp, seed)[2]
+            data = runner.data(exp, seed)
+            refs.append((exp, data, seed, recipe))
+            keys.append(json.dumps(runner.retrain_key(exp, data, seed, recipe), sort_keys=True))
+    for n in distributed.share_out(keys):
+        runner.reference(*refs[n])
+    distributed.wait_all()
+
+
+def run_list(exps: list[Experiment], runner: Runner, *, source: str, log: bool,
+             wandb_project: str) -> tuple[list[dict], Path]:
+    """Every (experiment, seed) run, each record appended to runs.jsonl as it ends. Under
+    torchrun the runs are dealt out round-robin (each rank trains alone, no DDP) and rank 0
+    merges every rank's records in the single-process order."""
+    runs_file = runner.out_dir / "runs.jsonl"
+    started = distributed.gather_all(time.strftime("%Y%m%d_%H%M%S"))[0]
+    split = distributed.global_world_size() > 1
+    if split:  # this rank's records as it goes; rank 0 merges them into runs.jsonl at the end
+        runs_file = runner.out_dir / f"runs.{started}.rank{distributed.global_rank()}.jsonl"
+    jobs = [(i, exp, seed) for i, exp in enumerate(exps, 1) for seed in exp.seeds]
+    records = []
+    with distributed.independent():
+        if split:
+            prepare_shared_models(runner, jobs)
+        for j in distributed.share_out(range(len(jobs))):
+            i, exp, seed = jobs[j]
+            print(f"\n=== experiment {i}/{len(exps)} '{exp.tag}', seed {seed} ===")
+            logger = RunLogger(log, wandb_project,
+                               f"{exp.method_name}_run_{'M_' if exp.use_mask else ''}{started}_{seed - exp.seed}",
+                               {**exp.record(), "tag": exp.tag, "runid": started,
+                                "runidx": seed - exp.seed, "source": source})
+            record = runner.run(exp, i, seed)
+            record["started"] = started
+            append_jsonl(runs_file, record)
+            logger.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+            logger.finish()
+            records.append((j, record))
+            print("  " + ", ".join(f"{k}={record[k]:.2f}" for k in METRICS if isinstance(record.get(k), float)))
+    records = distributed.merge_in_order(records)
+    if split:
+        if distributed.global_rank() != 0:
+            return [], runs_file
+        runs_file = runner.out_dir / "runs.jsonl"
+        for record in records:
+            append_jsonl(runs_file, record)
+        for part in runner.out_dir.glob(f"runs.{started}.rank*.jsonl"):
+            part.unlink()
+    return records, runs_file
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    present = [m for m in METRICS if any(isinstance(r.get(m), (int, float)) for r in records)]
+    rows = summarize(records, ["experiment", "name", "forget"], present)
+    out = []
+    for row in rows:
+        new = {"experiment": row["experiment"], "method": row["name"], "forget": row["forget"], "n": row["n"]}
+        for m in present:
+            new[HEADERS[m]] = row.get(m, "")
+        out.append(new)
+    return out
+
+
+def write_summary(records: list[dict], out_dir: Path) -> str:
+    return write_tables(summary_rows(records), out_dir / "summary")
