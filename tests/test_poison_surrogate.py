@@ -86,6 +86,15 @@ def test_error_max_reports_its_restarts(runs):
     assert rep["target_losses"][rep["best_restart"]] == min(rep["target_losses"])
 
 
+def test_tap_names_error_max(data, runs):
+    x, y = data
+    out, meta = P.timed_generate("TAP", x, y, K, seed=1, dataset="cifar10", device="cpu",
+                                 **TINY["error-max"])
+    assert torch.equal(out, runs["error-max"][0]) and meta["key"] == "error-max"
+    assert P.recipe_options("tap", "small") == P.recipe_options("error-max", "small")
+    assert P.resolve_bound("tap", None, x.shape) == ("linf", 8 / 255)
+
+
 def test_stop_error_ends_the_search_early(data):
     x, y = data
     meta = P.timed_generate("error-min", x, y, K, seed=0, stop_error=0.99, device="cpu",

@@ -1,4 +1,5 @@
-"""Tests for poisons.py on small synthetic data (the whole file runs in well under a minute)."""
+"""Tests for poisons.py, poison_generators.py and poison_importers.py on small synthetic data
+(the whole file runs in well under a minute)."""
 import math
 import os
 import pickle
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import poison_generators as G
 import poisons as P
 from constants import UserError
 
@@ -37,7 +39,7 @@ def mid(data):
 @pytest.fixture(scope="module")
 def coeffs():
     # The published criterion itself (required response 10, norm bound 50), found once.
-    return P.find_ar_coefficients(K, (32, 32), seed=0)
+    return G.find_ar_coefficients(K, (32, 32), seed=0)
 
 
 def kwargs_for(key, coeffs):
@@ -95,9 +97,9 @@ def test_determinism(key, data, coeffs):
 
 
 def test_ar_coefficient_search_is_seeded_and_well_formed():
-    a = P.find_ar_coefficients(3, (32, 32), seed=4)
-    b = P.find_ar_coefficients(3, (32, 32), seed=4)
-    c = P.find_ar_coefficients(3, (32, 32), seed=5)
+    a = G.find_ar_coefficients(3, (32, 32), seed=4)
+    b = G.find_ar_coefficients(3, (32, 32), seed=4)
+    c = G.find_ar_coefficients(3, (32, 32), seed=5)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (3, 3, 3, 3)
     assert (a[:, :, 2, 2] == 0).all()
@@ -109,15 +111,15 @@ def test_ar_fill_matches_a_plain_raster_loop():
     w = torch.rand(3, 3, 6, generator=g)
     w[2, 2] = 0
     w /= w.sum((0, 1))
-    x = P._ar_start(6, 12, 12, g)
+    x = G._ar_start(6, 12, 12, g)
     ref = x.clone()
     for i in range(2, 12):
         for j in range(2, 12):
             for n in range(6):
                 ref[i, j, n] = sum(w[r, k, n] * ref[i - 2 + r, j - 2 + k, n]
                                    for r in range(3) for k in range(3))
-    P._ar_fill(x, w, 7, 7)          # a top-left square first, then the rest, as the search does
-    P._ar_fill(x, w, 12, 12, start=7)
+    G._ar_fill(x, w, 7, 7)          # a top-left square first, then the rest, as the search does
+    G._ar_fill(x, w, 12, 12, start=7)
     assert torch.allclose(x, ref, atol=1e-5)
 
 
@@ -125,9 +127,9 @@ def test_ar_matching_filter_has_zero_response_on_its_own_process(coeffs):
     # Process k's signal satisfies x_br = Σ b·window, so its filter (b with −1) gives 0 there.
     g = torch.Generator().manual_seed(2)
     c = coeffs[4]
-    x = P._ar_start(3 * 5, 36, 36, g)
-    P._ar_fill(x, c.permute(1, 2, 0).unsqueeze(2).expand(3, 3, 5, 3).reshape(3, 3, 15), 36, 36)
-    sig = P._to_images(x, 4)
+    x = G._ar_start(3 * 5, 36, 36, g)
+    G._ar_fill(x, c.permute(1, 2, 0).unsqueeze(2).expand(3, 3, 5, 3).reshape(3, 3, 15), 36, 36)
+    sig = G._to_images(x, 4)
     f = c.clone()
     f[:, 2, 2] = -1
     own = F.conv2d(sig, f.unsqueeze(0)).abs().max()
@@ -191,12 +193,12 @@ def test_lsp_is_patchwise_and_linearly_clustered(mid):
 def test_ops_shares_one_pixel_and_colour_per_class(data):
     x, y = data
     out = P.generate("ops", x, y, K)
-    picks = P.ops_search(x, y, K)
+    picks = G.ops_search(x, y, K)
     assert len(set(picks)) == K
     changed = (out != x).any(1)
     for c, (r, q, col) in enumerate(picks):
         cls = y == c
-        assert (out[cls][:, :, r, q] == P.COLOURS[col].to(torch.uint8) * 255).all()
+        assert (out[cls][:, :, r, q] == G.COLOURS[col].to(torch.uint8) * 255).all()
         others = changed[cls].clone()
         others[:, r, q] = False
         assert not others.any()
@@ -208,7 +210,7 @@ def test_ops_finds_a_planted_shortcut():
     y = torch.arange(60) % 3
     for c in range(3):  # class c: pixel (c, 2c) nearly black → far from white, tiny spread
         x[y == c, :, c, 2 * c] = torch.randint(0, 3, (20, 3), dtype=torch.uint8, generator=g)
-    assert P.ops_search(x, y, 3) == [(c, 2 * c, 7) for c in range(3)]
+    assert G.ops_search(x, y, 3) == [(c, 2 * c, 7) for c in range(3)]
 
 
 def test_ops_search_matches_brute_force():
@@ -221,14 +223,14 @@ def test_ops_search_matches_brute_force():
         best = None
         for r in range(4):
             for q in range(4):
-                for ci, col in enumerate(P.COLOURS.numpy()):
+                for ci, col in enumerate(G.COLOURS.numpy()):
                     v = np.abs(col[None, :] - xc[:, :, r, q]).ravel()
                     s = v.mean() / v.std()
                     if (r, q, ci) not in taken and (best is None or s > best[0] + 1e-12):
                         best = (s, (r, q, ci))
         taken.add(best[1])
         expected.append(best[1])
-    assert P.ops_search(x, y, 2) == expected
+    assert G.ops_search(x, y, 2) == expected
 
 
 # --- apply_perturbation ---------------------------------------------------------------------------
