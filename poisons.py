@@ -48,6 +48,7 @@ from poison_generators import (ar, cwrandom, l2_ar, lsp, lsp_default_eps, ops, s
 from poison_importers import IMPORTERS
 from poison_pixels import apply_perturbation, check_images
 from poison_surrogate import error_max_tap, error_min, error_min_cw
+from views import TrainingView
 
 __all__ = ["ALIASES", "EXPENSIVE", "FORMAT", "GENERATORS", "IMPORTERS", "META_KEYS", "RECIPES",
            "PoisonSpec", "apply_perturbation", "canonical_key", "generate", "import_poison", "load_poison",
@@ -410,8 +411,6 @@ def poison_view(key: str, data, *, seed: int = 0, path=None):
     """(TrainingView putting poison `key` (or the file `path`) in place of the images being
     trained on, data.retain_idx, or None for the clean baseline; the poison's meta). The one
     way every script builds a poisoned training set."""
-    from views import TrainingView
-
     images, labels, meta = poisoned_train_set(key, data.spec.dataset, seed=seed, path=path,
                                               split=data.train)
     if key == "clean" and path is None:
