@@ -1,18 +1,19 @@
 """The linear-model stages of the unlearnable-datasets scripts, each timed our way (data resident
 as tensors, whole-batch ops) against the same stage fed by a standard per-sample DataLoader.
 
-  op1     orthogonal projection step 1: unlearnable.fit_class_weights (bias-free linear model,
-          plain SGD lr 0.1, batch 1024, no shuffling) on the poisoned training images
+  op1     orthogonal projection step 1: orthogonal_projection.fit_class_weights (bias-free
+          linear model, plain SGD lr 0.1, batch 1024, no shuffling) on the poisoned training
+          images
             ours        BatchLoader over the uint8 poisoned set on the device
             imagefolder torchvision ImageFolder of the poisoned images (PNG) + ToTensor,
                         DataLoader(num_workers); the same fit_class_weights call
             dataset     a per-sample Dataset over the same in-memory uint8 tensor + DataLoader
-  linsep  linear separability: unlearnable.fit_probe_lbfgs (full-batch L-BFGS logistic
+  linsep  linear separability: linear_separability.fit_probe_lbfgs (full-batch L-BFGS logistic
           regression on the perturbations, chunks of --chunk rows)
             ours        the perturbations as one float tensor, chunks are slices
             dataset     TensorDataset of the same perturbations + DataLoader(batch = chunk,
                         num_workers, persistent): the same closure, chunks from the loader
-  dfr     DFR's last-layer fit: unlearnable.dfr_cached (features of the clean subset and the
+  dfr     DFR's last-layer fit: dfr.dfr_cached (features of the clean subset and the
           test set computed once, head refit by L-BFGS, before/after accuracies)
             ours        features from the resident split (BatchLoader)
             imagefolder the official procedure's data path: ImageFolder (JPEG) + ToTensor +
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -52,9 +52,11 @@ from constants import DATASETS, UserError, cache_dir, data_root, results_dir  # 
 from datasets import Batch, BatchLoader, balanced_subset, load_split  # noqa: E402
 from models import get_model  # noqa: E402
 from reporting import write_json  # noqa: E402
-from unlearnable import (dfr_cached, extract_features, fit_class_weights, fit_head_lbfgs,  # noqa: E402
-                         fit_probe_lbfgs_chunks, flush_denormal_grad, flush_denormals, make_probe,
-                         min_max_01_, perturbations)
+from dfr import dfr_cached, extract_features, fit_head_lbfgs, head_loss_closure  # noqa: E402
+from linear_separability import (fit_probe_lbfgs, fit_probe_lbfgs_chunks, make_probe,  # noqa: E402
+                                 min_max_01_, perturbations)
+from numerics import flush_denormals  # noqa: E402
+from orthogonal_projection import fit_class_weights  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- standard feeds
@@ -159,7 +161,7 @@ def bench_op1(args, device) -> list[dict]:
 
 
 def fit_probe_lbfgs_loader(model, loader, n, *, steps, lr, max_iter) -> dict:
-    """unlearnable.fit_probe_lbfgs with the chunks coming from a DataLoader (same closure)."""
+    """linear_separability.fit_probe_lbfgs with the chunks coming from a DataLoader (same closure)."""
     dev = next(model.parameters()).device
 
     def chunks():
@@ -170,8 +172,6 @@ def fit_probe_lbfgs_loader(model, loader, n, *, steps, lr, max_iter) -> dict:
 
 
 def bench_linsep(args, device) -> list[dict]:
-    from unlearnable import fit_probe_lbfgs
-
     clean = load_split(args.dataset, True)
     images, labels, _ = poisons.poisoned_train_set(args.poison, args.dataset, split=clean)
     idx = balanced_subset(clean.y, args.ls_subset, 0) if args.ls_subset else torch.arange(len(clean))
@@ -242,16 +242,8 @@ def dfr_per_batch(model, train_dl, test_dl, eval_train_dl, device, *, epochs, ma
         for xb, yb in train_dl:
             with torch.no_grad():
                 f = model.features(xb.to(device, non_blocking=True)).float()
-            yb = yb.to(device)
-
-            def closure():
-                opt.zero_grad()
-                loss = F.cross_entropy(flush_denormal_grad(head(f)), yb)
-                loss.backward()
-                return loss
-
             with flush_denormals():
-                opt.step(closure)
+                opt.step(head_loss_closure(opt, head, f, yb.to(device)))
     out.update(dfr_test_acc=_accuracy(model, test_dl, device), dfr_subset_acc=_accuracy(model, eval_train_dl, device))
     return out
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from plotting import plot_lines  # noqa: E402
 from reporting import mean_std, write_tables  # noqa: E402
-from unlearnable import plot_lines  # noqa: E402
 
 
 def load(path: Path):
