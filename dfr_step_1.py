@@ -28,6 +28,7 @@ import torch
 
 import distributed
 import engine
+import poisons
 from cli import RunLogger, add_runtime_args, run_main, setup_runtime
 from constants import UserError
 from datasets import Augment
@@ -35,7 +36,7 @@ from models import canonical_model_name
 from reporting import write_json
 from training import DataSpec, prepare_data, train_classifier
 from unlearnable_cli import (add_model_args, add_poison_args, add_sgd_args, dfr_checkpoint_folder,
-                             dfr_results_folder, poison_overrides)
+                             dfr_results_folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +83,7 @@ def main(argv=None):
     cfg = train_config(args)
     model_name = canonical_model_name(args.model)
     data = prepare_data(DataSpec(args.dataset, args.subset, args.val_frac, args.split_seed), seed=args.seed)
-    overrides, poison_meta = poison_overrides(args.poison, data, args.poison_seed, args.poison_file)
+    view, poison_meta = poisons.poison_view(args.poison, data, seed=args.poison_seed, path=args.poison_file)
     folder = dfr_checkpoint_folder(args.poison, model_name, args.dataset, args.subset, args.seed,
                                    args.checkpoint_dir)
     last = folder / f"epoch={args.epochs - 1}.pt"
@@ -107,7 +108,7 @@ def main(argv=None):
         model_name, data, cfg, device=device, batch_size=args.batch_size, seed=args.seed,
         ckpt_path=last, extra_meta={**meta, "epoch": args.epochs - 1}, logger=logger,
         augment=Augment(crop=0, flip=False) if args.no_augment else None,
-        on_epoch_end=on_epoch_end, loader_overrides=overrides)
+        on_epoch_end=on_epoch_end, view=view)
     logger.finish()
     if distributed.is_main():
         out = write_json(dfr_results_folder(args.poison, folder.name) / "train.json",

@@ -31,6 +31,7 @@ import sys
 import torch
 
 import engine
+import poisons
 from cli import add_runtime_args, run_main, setup_runtime
 from constants import UserError, canonical_dataset_name
 from datasets import BatchLoader
@@ -38,7 +39,7 @@ from orthogonal_projection import fit_class_weights
 from plotting import save_weight_grid
 from reporting import write_json
 from training import DataSpec, prepare_data
-from unlearnable_cli import (add_poison_args, add_sgd_args, linear_model_path, poison_overrides,
+from unlearnable_cli import (add_poison_args, add_sgd_args, linear_model_path,
                              projection_results_folder, refuse_unused)
 
 
@@ -68,9 +69,9 @@ def main(argv=None):
     check_args(parser, args)
     device = setup_runtime(args)
     data = prepare_data(DataSpec(args.dataset, args.subset, 0.0, args.split_seed))
-    overrides, poison_meta = poison_overrides(args.poison, data, args.poison_seed, args.poison_file)
+    view, poison_meta = poisons.poison_view(args.poison, data, seed=args.poison_seed, path=args.poison_file)
     loader = BatchLoader(data.train, data.retain_idx, batch_size=args.batch_size, shuffle=False,
-                         device=device, augment=None, normalize=False, **overrides)
+                         device=device, augment=None, normalize=False, view=view)
     model, history = fit_class_weights(loader, data.num_classes, args.epochs, args.lr, args.seed,
                                        device, desc=f"linear model on {args.poison}")
     test = BatchLoader(data.test, None, batch_size=4096, device=device, normalize=False)

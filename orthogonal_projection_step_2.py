@@ -40,6 +40,7 @@ import torch
 
 import distributed
 import engine
+import poisons
 from augmentation import CutMixLoss, StrongAugment
 from cli import RunLogger, add_runtime_args, run_main, setup_runtime
 from constants import UserError
@@ -49,7 +50,7 @@ from orthogonal_projection import OrthogonalProjection, load_class_weights, mile
 from reporting import write_json
 from training import DataSpec, prepare_data, train_classifier
 from unlearnable_cli import (add_model_args, add_poison_args, add_sgd_args, linear_model_path,
-                             poison_overrides, projection_checkpoint_path, projection_results_folder,
+                             projection_checkpoint_path, projection_results_folder,
                              projection_run_name, refuse_unused, run_name)
 
 
@@ -144,10 +145,11 @@ def main(argv=None):
         print(f"{ckpt} was trained with another linear model than {linear}; retraining")
     device = setup_runtime(args)
     data = prepare_data(DataSpec(args.dataset, args.subset, args.val_frac, args.split_seed), seed=args.seed)
-    overrides, poison_meta = poison_overrides(args.poison, data, args.poison_seed, args.poison_file)
+    view, poison_meta = poisons.poison_view(args.poison, data, seed=args.poison_seed, path=args.poison_file)
+    transform = None
     if linear:
         weight = load_class_weights(linear, data.num_classes, data.train.x.shape[1:])
-        overrides["transform"] = OrthogonalProjection(weight)
+        transform = OrthogonalProjection(weight)
     augment = Augment() if args.no_strong_aug else StrongAugment()
     extra = {"poison": args.poison, "poison_meta": poison_meta, "project": not args.no_project,
              "linear_ckpt": str(linear) if linear else None, "linear_sha1": linear_digest,
@@ -158,7 +160,7 @@ def main(argv=None):
     _, meta, history = train_classifier(
         model_name, data, cfg, device=device, batch_size=args.batch_size, seed=args.seed,
         ckpt_path=ckpt, extra_meta=extra, augment=augment, logger=logger, loss_fn=loss_fn,
-        loader_overrides=overrides)
+        view=view, transform=transform)
     logger.finish()
     if not distributed.is_main():
         return 0

@@ -111,11 +111,14 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
                      device, seed: int, ckpt_path: Path, batch_size: int | None = None,
                      extra_meta: dict | None = None, augment: Callable | None = None,
                      eval_batch_size: int = 1024, logger=None, resume: bool = True,
-                     on_epoch_end=None, view: TrainingView | None = None, loss_fn=None):
+                     on_epoch_end=None, view: TrainingView | None = None,
+                     transform: Callable | None = None, loss_fn=None):
     """Train from scratch on `data.retain_idx`, evaluate each epoch on val/test, and save
     `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`.
     The batch size and augmentation are the config's unless given (`augment`: a whole-batch
-    augmentation such as the orthogonal-projection recipe's strong one).
+    augmentation such as the orthogonal-projection recipe's strong one). `view` is the training
+    set as trained on (views.py), `transform` a float transform of each batch before
+    augmentation (the orthogonal projection).
     `loss_fn` (default cross-entropy) is passed to engine.fit, e.g. a CutMix loss;
     `on_epoch_end(epoch, record, model)` runs after every epoch (e.g. per-epoch checkpoints)."""
     batch_size = batch_size or cfg.batch_size
@@ -124,7 +127,7 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     model = build_model(model_name, num_classes, device, seed)
     loader = make_loader(data, "train", data.retain_idx, model_name=model_name,
                          batch_size=batch_size, device=device, train=True, seed=seed,
-                         augment=augment, shard=distributed.shard(), view=view)
+                         augment=augment, shard=distributed.shard(), view=view, transform=transform)
     evals = {"test_acc": make_loader(data, "test", test_indices_without_class(data.test, data.spec.cf),
                                       model_name=model_name, batch_size=eval_batch_size, device=device)}
     if len(data.val_idx):

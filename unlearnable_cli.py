@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import poisons
 from constants import UserError, canonical_dataset_name, checkpoint_dir, results_dir
 
 
@@ -87,18 +86,6 @@ def refuse_unused(parser, args, dests, why: str) -> None:
     unused = [flag(parser, d) for d in dests if getattr(args, d) != _default(parser, d)]
     if unused:
         raise UserError(f"{', '.join(unused)}: no effect {why}")
-
-
-# --- Poisoned data ----------------------------------------------------------------------------
-
-def poison_overrides(key: str, data, seed: int = 0, path=None) -> tuple[dict, dict]:
-    """(BatchLoader overrides putting poison `key` in place of data.retain_idx, poison meta)."""
-    images, labels, meta = poisons.poisoned_train_set(key, data.spec.dataset, seed=seed,
-                                                      path=path, split=data.train)
-    if key == "clean" and path is None:
-        return {}, meta
-    idx = data.retain_idx
-    return {"replace": (idx, images[idx]), "labels": labels}, meta
 
 
 # --- Run names and where files live ------------------------------------------------------------

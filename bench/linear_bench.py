@@ -52,6 +52,7 @@ from constants import DATASETS, UserError, cache_dir, data_root, results_dir  # 
 from datasets import Batch, BatchLoader, balanced_subset, load_split  # noqa: E402
 from models import get_model  # noqa: E402
 from reporting import write_json  # noqa: E402
+from views import TrainingView  # noqa: E402
 from dfr import dfr_cached, extract_features, fit_head_lbfgs, head_loss_closure  # noqa: E402
 from linear_separability import (fit_probe_lbfgs, fit_probe_lbfgs_chunks, make_probe,  # noqa: E402
                                  min_max_01_, perturbations)
@@ -140,7 +141,7 @@ def bench_op1(args, device) -> list[dict]:
     n = len(images)
     fit = dict(num_classes=k, epochs=args.op_epochs, lr=0.1, seed=0, device=device)
     ours = BatchLoader(split, None, batch_size=1024, shuffle=False, device=device, augment=None,
-                       normalize=False, replace=(torch.arange(n), images), labels=labels)
+                       normalize=False, view=TrainingView(torch.arange(n), images, labels))
     t_ours, (m_ours, h_ours) = timed(lambda: fit_class_weights(ours, desc="op1 ours", **fit), device)
     rows = [dict(stage="op1", variant="ours", seconds=t_ours, train_acc=h_ours[-1].get("train_acc"))]
 

@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets import Augment, BatchLoader, Split, crop_flip
+from views import TrainingView
 
 
 def make_split(n=64, seed=0):
@@ -37,7 +38,7 @@ def test_normalisation_and_label_override():
     split = make_split()
     labels = split.y.clone()
     labels[5] = 7
-    loader = BatchLoader(split, torch.tensor([5, 6]), batch_size=2, labels=labels,
+    loader = BatchLoader(split, torch.tensor([5, 6]), batch_size=2, view=TrainingView(labels=labels),
                          mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     batch = next(iter(loader))
     assert batch.y.tolist() == [7, 6]
@@ -50,7 +51,7 @@ def test_replacement_happens_before_augmentation_and_leaves_the_split_alone():
     original = split.x.clone()
     white = torch.full((2, 3, 8, 8), 255, dtype=torch.uint8)
     loader = BatchLoader(split, torch.tensor([3, 4, 9]), batch_size=3, normalize=False,
-                         replace=(torch.tensor([3, 9]), white), augment=Augment(crop=0, flip=True))
+                         view=TrainingView(torch.tensor([3, 9]), white), augment=Augment(crop=0, flip=True))
     batch = next(iter(loader))
     by_idx = dict(zip(batch.idx.tolist(), batch.x))
     assert torch.equal(by_idx[3], torch.ones(3, 8, 8)) and torch.equal(by_idx[9], torch.ones(3, 8, 8))
@@ -67,7 +68,7 @@ def test_stamp_after_normalisation_only_on_masked_samples():
         return x
 
     loader = BatchLoader(split, torch.tensor([1, 2, 3]), batch_size=3, augment=Augment(),
-                         stamp=stamp, stamp_mask=mask, seed=4)
+                         view=TrainingView(stamp=stamp, stamp_mask=mask), seed=4)
     batch = next(iter(loader))
     corner = batch.x[:, :, -2:, -2:]
     assert (corner[:2] == 9.0).all()  # after augmentation: always exactly in the corner
