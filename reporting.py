@@ -96,14 +96,20 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_tables(rows: list[dict], stem: str | Path, columns: list[str] | None = None) -> str:
-    """Write `<stem>.csv` and `<stem>.md`; return the Markdown."""
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    """A CSV file (atomic) of `columns` (default: every key of the rows, first seen first)."""
     columns = columns or list(dict.fromkeys(k for r in rows for k in r))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(f"{stem}.csv", buf.getvalue())
+    return write_text_atomic(path, buf.getvalue())
+
+
+def write_tables(rows: list[dict], stem: str | Path, columns: list[str] | None = None) -> str:
+    """Write `<stem>.csv` and `<stem>.md`; return the Markdown."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    write_csv(f"{stem}.csv", rows, columns)
     md = markdown_table(rows, columns)
     write_text_atomic(f"{stem}.md", md)
     return md

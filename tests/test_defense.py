@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import attacks as A
+import backdoor_defense as bd
 import defense
 import engine
 import train
@@ -156,8 +157,8 @@ def test_asr_excludes_target_class_end_to_end(env, monkeypatch, backdoored):
     attack = {"trigger": A.BadNets(size=3, margin=0).to_meta(), "target": 1, "mode": "all2one",
               "num_classes": 4}
     oracle = Oracle(backdoored)
-    monkeypatch.setattr(defense, "load_poisoned",
-                        lambda args, device: (oracle, "small_vgg", "tinyset", {}, attack))
+    monkeypatch.setattr(bd, "load_poisoned",
+                        lambda *a, **k: bd.Poisoned(oracle, "small_vgg", "tinyset", {}, attack))
     out = env / "results" / "oracle"
     argv = ["--poi_path", "unused.pt", "--n_clean", "40", "--n_rounds", "0", "--tag", "o",
             "--out", str(out), "--save", str(env / "ckpt" / "oracle.pt"), *RT]
@@ -178,8 +179,7 @@ def test_asr_excludes_target_class_end_to_end(env, monkeypatch, backdoored):
 
 
 def test_clean_set_is_disjoint_from_evaluation(env):
-    args = defense.build_parser().parse_args(["--poi_path", "x", "--n_clean", "40", "--seed", "3"])
-    split, clean, test, ev = defense.choose_data(args, "tinyset", 4)
+    split, clean, test, ev = bd.choose_data("tinyset", 4, source="test", n_clean=40, seed=3)
     assert split is test and len(clean) == 40 and len(ev) == 60
     assert not torch.isin(ev, clean).any()
     assert torch.bincount(test.y[clean]).tolist() == [10, 10, 10, 10]  # class-balanced
@@ -197,9 +197,7 @@ def test_release_vgg_layout_round_trip(env):
     path = env / "release" / "badnets_8_02_ckpt.pth"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"net": vgg.state_dict(), "acc": 97.68, "epoch": 48}, path)
-    args = defense.build_parser().parse_args(["--poi_path", str(path), "--dataset", "gtsrb"])
-    defense.check_args(args)
-    model, name, dataset, meta, attack = defense.load_poisoned(args, torch.device("cpu"))
+    model, name, dataset, meta, attack = bd.load_poisoned(path, torch.device("cpu"), dataset="gtsrb")
     assert name == "small_vgg" and dataset == "gtsrb" and model.head.out_features == 43
     assert meta == {"acc": 97.68, "epoch": 48}
     for k, v in vgg.state_dict().items():
@@ -212,8 +210,7 @@ def test_release_vgg_layout_round_trip(env):
     # file names of the release choose the trigger and target
     other = path.with_name("l0_inv_0_02_ckpt.pth")
     other.write_bytes(path.read_bytes())
-    args.poi_path = str(other)
-    _, _, _, _, attack = defense.load_poisoned(args, torch.device("cpu"))
+    _, _, _, _, attack = bd.load_poisoned(other, torch.device("cpu"), dataset="gtsrb")
     assert attack["trigger"]["kind"] == "l0_inv" and attack["target"] == 0
 
 
@@ -266,20 +263,24 @@ def test_defense_end_to_end(env, method):
 def test_pixel_space_view():
     from models import get_model
     split = load_split("tinyset", False)
-    args = defense.build_parser().parse_args(["--poi_path", "x", "--clamp"])
-    defense.check_args(args)
     model = get_model("smallcnn", 4).eval()
-    net, normalized, clamp = defense.ibau_view(model, "smallcnn", split, args)
-    assert isinstance(net, defense.PixelSpace) and not normalized and clamp == (0.0, 1.0)
+    net, normalized, clamp = bd.ibau_view(model, "smallcnn", split, "pixel", clamp=True)
+    assert isinstance(net, bd.PixelSpace) and not normalized and clamp == (0.0, 1.0)
     x = torch.rand(3, 3, 16, 16)
     mean, std = net.mean, 1 / net.inv_std
     assert torch.allclose(net(x), model((x - mean) / std), atol=1e-5)
     assert list(net.parameters()) == list(model.parameters())  # the outer step trains the model
     vgg = SmallVGG(4)
-    assert defense.ibau_view(vgg, "small_vgg", split, args)[0] is vgg  # raw pixels already
-    args.delta_space = "input"
-    net, normalized, (lo, hi) = defense.ibau_view(model, "smallcnn", split, args)
+    assert bd.ibau_view(vgg, "small_vgg", split, "pixel", clamp=True)[0] is vgg  # raw pixels already
+    net, normalized, (lo, hi) = bd.ibau_view(model, "smallcnn", split, "input", clamp=True)
     assert net is model and normalized and torch.allclose(lo, (0 - mean) / std)
+
+
+def test_flag_defaults_are_the_configs_defaults():
+    args = defense.build_parser().parse_args(["--poi_path", "x"])
+    defense.check_args(args)
+    assert defense.ibau_config(args) == bd.IBAUConfig()
+    assert defense.baseline_config(args) == bd.FineTuneConfig()
 
 
 def test_small_batches_still_perturb():
