@@ -44,19 +44,21 @@ def load(folder: Path) -> dict[str, dict[int, dict]]:
     return out
 
 
-def row(setting: str, runs: dict[int, dict], rounds: list[int]) -> dict:
+FIELDS = {"ACC": "acc", "ASR": "asr", "rel. ASR": "release_asr", "|δ|": "delta_l2"}
+
+
+def row(setting: str, runs: dict[int, dict], rounds: list[int], fields: list[str]) -> dict:
     seeds = sorted(runs)
-    first = runs[seeds[0]]["rounds"][0]
-    out = {"setting": setting, "seeds": ",".join(map(str, seeds)), "ASR before": f"{first['asr']:.2f}"}
+    before = [runs[s]["rounds"][0] for s in seeds]
+    out = {"setting": setting, "seeds": ",".join(map(str, seeds)),
+           "ACC before": fmt([b["acc"] for b in before]), "ASR before": fmt([b["asr"] for b in before])}
     for r in rounds:
         at = {s: next((x for x in runs[s]["rounds"] if x["stage"] == "ibau" and x["round"] == r), None)
               for s in seeds}
         if any(v is None for v in at.values()):
             continue
-        out[f"ACC {r}"] = fmt([v["acc"] for v in at.values()])
-        out[f"ASR {r}"] = fmt([v["asr"] for v in at.values()])
-        out[f"rel. ASR {r}"] = fmt([v["release_asr"] for v in at.values()])
-        out[f"|δ| {r}"] = fmt([v["delta_l2"] for v in at.values()])
+        for name in fields:
+            out[f"{name} {r}"] = fmt([v[FIELDS[name]] for v in at.values()])
         out[f"ASR {r} per seed"] = " / ".join(f"{v['asr']:.1f}" for v in at.values())
     return out
 
@@ -65,12 +67,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder")
     p.add_argument("--rounds", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--fields", nargs="+", choices=list(FIELDS), default=list(FIELDS),
+                   help="per-round columns (default all)")
     p.add_argument("--out", default=None, help="table stem (default <folder>/summary)")
     args = p.parse_args(argv)
     runs = load(Path(args.folder))
     if not runs:
         raise UserError(f"no defense.py results in {args.folder}")
-    rows = [row(s, r, args.rounds) for s, r in runs.items()]
+    rows = [row(s, r, args.rounds, args.fields) for s, r in runs.items()]
     print(write_tables(rows, Path(args.out) if args.out else Path(args.folder) / "summary"))
     return 0
 

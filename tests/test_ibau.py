@@ -195,3 +195,26 @@ def test_min_perturbed_changes_nothing_at_the_release_batch_size():
     for _ in range(50):
         assert torch.equal(ibau.random_subset(100, 0.01, g0, 0), ibau.random_subset(100, 0.01, g1, 1))
     assert torch.equal(g0.get_state(), g1.get_state())
+
+
+def test_summarize_ibau_averages_seeds_per_round(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "summarize_ibau", Path(__file__).resolve().parents[1] / "exp" / "summarize_ibau.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for seed, (acc, asr) in enumerate([(70.0, 1.0), (72.0, 3.0)]):
+        rounds = [{"stage": "before", "round": 0, "acc": 77.0 + seed, "asr": 98.0},
+                  {"stage": "ibau", "round": 1, "acc": acc, "asr": asr, "release_asr": 2 * asr,
+                   "delta_l2": 10.0}]
+        (tmp_path / f"setting_seed{seed}.json").write_text(
+            json.dumps({"rounds": rounds, "config": {"seed": seed}}))
+    assert mod.main([str(tmp_path), "--rounds", "1", "3", "--fields", "ACC", "ASR"]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| setting |"))
+    assert "ACC 1" in row and "rel. ASR 1" not in row and "ACC 3" not in row  # round 3 absent
+    assert "71.00 ± 1.41" in md and "2.00 ± 1.41" in md and "77.50 ± 0.71" in md
+    assert "1.0 / 3.0" in md
