@@ -50,7 +50,7 @@ FULL = Scale(
     loader=("--batch-size", "512", "--steps", "100", "--warmup", "10", "--repeats", "2"),
     compile=True, mask=("--epochs", "1", "--repeats", "2"), parity=(),
     unlearn_epochs=5, table={},
-    poison_epochs=8, dfr=("--num_dfr_train", "5000"), ibau=(),
+    poison_epochs=8, dfr=("--num-dfr-train", "5000"), ibau=(),
     corrective={"forget_set_size": 500, "unlearn_iters": 100, "batch_size": 512},
     corrective_epochs=8, fractions=(0.1, 1.0), ref=("--model", "resnet18"),
     budgets={"data": 25, "a": 90, "b": 90, "c": 85, "d": 75, "e": 75, "f": 20, "g": 80, "ref": 420})
@@ -62,8 +62,8 @@ TINY = Scale(
     compile=False, mask=("--epochs", "1", "--repeats", "1", "--batch-size", "64"),
     parity=("--workers", "0"),
     unlearn_epochs=1, table={"mia_cap": 100},
-    poison_epochs=1, dfr=("--num_dfr_train", "100", "--dfr-steps", "2", "--dfr-iters", "2"),
-    ibau=("--n_clean", "100", "--n_rounds", "1", "--n-eval", "100", "--K", "2"),
+    poison_epochs=1, dfr=("--num-dfr-train", "100", "--dfr-steps", "2", "--dfr-iters", "2"),
+    ibau=("--n-clean", "100", "--n-rounds", "1", "--n-eval", "100", "--K", "2"),
     corrective={"forget_set_size": 20, "unlearn_iters": 2, "batch_size": 64},
     corrective_epochs=1, fractions=(0.5, 1.0),
     ref=("--model", "smallcnn", "--epochs", "1", "--batch-size", "64"),
@@ -276,10 +276,10 @@ def salun_collect(name: str) -> Callable:
 def poison_steps(ctx: Context) -> list:
     r = ctx.recipe()
     train = ["--model", ctx.scale.model, "--epochs", str(ctx.scale.poison_epochs), "--lr", str(r["lr"]),
-             "--batch_size", str(r["batch_size"]), "--scheduler", "cosine", "--save_every", "-1"]
+             "--batch-size", str(r["batch_size"]), "--scheduler", "cosine", "--save-every", "-1"]
     steps = [Step(f"dfr_step_1.py {p}", ["dfr_step_1.py", p, *train]) for p in POISONS]
     dfr = Step(f"dfr_step_2.py {DFR_POISON}", ["dfr_step_2.py", DFR_POISON, "--model", ctx.scale.model,
-                                                "--epoch", "-1", "--random_init", *ctx.scale.dfr])
+                                                "--epoch", "-1", "--random-init", *ctx.scale.dfr])
     at = POISONS.index(DFR_POISON) + 1  # DFR right after its model: it survives a cut of the rest
     return steps[:at] + [dfr] + steps[at:]
 
@@ -315,7 +315,7 @@ def ibau_steps(ctx: Context) -> list:
         data = ctx.data_root / ("gtsrb/gtsrb32.npz" if dataset == "gtsrb" else "cifar10/test")
         if model.is_file() and data.exists():
             steps.append(Step(f"defense.py {name}", [
-                "defense.py", "--poi_path", str(model), "--dataset", dataset, "--tag", f"release_{dataset}",
+                "defense.py", "--poi-path", str(model), "--dataset", dataset, "--tag", f"release_{dataset}",
                 "--out", str(ctx.out("f")), "--save", str(ctx.work / "checkpoints" / f"ibau_{dataset}.pt"),
                 *ctx.scale.ibau]))
     return steps
