@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
@@ -101,6 +103,12 @@ class BadNets(Trigger):
     position: str = "bottom-right"
     margin: int = 1
     value: int | list = 255
+
+    def __post_init__(self):
+        levels = list(self.value) if isinstance(self.value, (list, tuple)) else [self.value]
+        if not levels or any(type(v) is not int or not 0 <= v <= 255 for v in levels):
+            raise UserError(f"badnets value must be a gray level or one level per channel, "
+                            f"integers in 0-255; got {self.value!r}")
 
     def _apply(self, x):
         rs, cs = _square(x.shape[-2], x.shape[-1], self.size, self.position, self.margin)
@@ -280,8 +288,12 @@ class ReleaseFile(Trigger):
             raise UserError(f"trigger file(s) {', '.join(map(str, paths))} differ from the ones "
                             "this checkpoint was made with (sha256 mismatch): restore the originals")
         self.sha256 = digest
-        with Image.open(self.png) as im:
-            self._pattern = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+        try:
+            with Image.open(self.png) as im:
+                self._pattern = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+        except OSError as e:  # PIL's "cannot identify image file" included
+            raise UserError(f"trigger file {self.png} is not an image ({e}): pass the I-BAU "
+                            "release's triggers/*.png") from None
         self._mask = _load_mask(self.mask, self._pattern.shape) if self.mask else None
 
     def _apply(self, x):
@@ -302,7 +314,10 @@ def _sha256(paths) -> str:
 def _load_mask(path, shape) -> torch.Tensor:
     """mask.npy as a C×H×W multiplier. Accepts H×W, C×H×W or H×W×C. A mostly-zero array
     marks the trigger region (so 1−mask is the multiplier); a mostly-one array is used as is."""
-    m = np.load(path, allow_pickle=False).astype(np.float32)
+    try:
+        m = np.load(path, allow_pickle=False).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"trigger mask {path} is not a numeric .npy array ({e})") from None
     c, h, w = shape
     if m.ndim == 3 and m.shape[-1] in (1, 3) and m.shape[:2] == (h, w):
         m = m.transpose(2, 0, 1)
@@ -344,12 +359,30 @@ def make_trigger(kind: str, **params) -> Trigger:
     if unknown:
         raise UserError(f"trigger '{kind}' has no parameter(s) {', '.join(sorted(unknown))}; "
                         f"it takes {', '.join(sorted(allowed))}")
+    _check_types(cls, params)
     return cls(**params)
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list",
+               type(None): "null"}
+
+
+def _check_types(cls: type[Trigger], params: dict) -> None:
+    """Every parameter of the type its field declares (metadata read from a checkpoint may
+    hold anything; `value: "white"` must be one error line, not a traceback later)."""
+    hints = typing.get_type_hints(cls)
+    for name, value in params.items():
+        hint = hints[name]
+        accepted = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        numeric = (int,) if float in accepted else ()  # JSON writes 2.0 as 2
+        if isinstance(value, bool) or not isinstance(value, accepted + numeric):
+            raise UserError(f"trigger '{cls.kind}': {name} must be "
+                            f"{' or '.join(_TYPE_NAMES[t] for t in accepted)}, got {value!r}")
+
+
 def trigger_from_meta(meta: dict) -> Trigger:
-    """Inverse of `Trigger.to_meta()`."""
-    if not isinstance(meta, dict) or "kind" not in meta:
+    """Inverse of `Trigger.to_meta()`; metadata that describes no known trigger is refused."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("kind"), str):
         raise UserError("trigger metadata must be a dict with a 'kind' key (from Trigger.to_meta())")
     params = {k: v for k, v in meta.items() if k != "kind"}
     return make_trigger(meta["kind"], **params)
@@ -478,8 +511,13 @@ def attack_from_meta(meta: dict):
     """(trigger, target, mode, num_classes) from a checkpoint's meta["attack"]."""
     if not isinstance(meta, dict) or "trigger" not in meta:
         raise UserError("attack metadata must hold 'trigger' (from train.py --attack)")
-    return (trigger_from_meta(meta["trigger"]), meta.get("target"), meta.get("mode", "all2one"),
-            meta.get("num_classes"))
+    target, mode, num_classes = meta.get("target"), meta.get("mode", "all2one"), meta.get("num_classes")
+    for name, value in (("target", target), ("num_classes", num_classes)):
+        if value is not None and type(value) is not int:
+            raise UserError(f"attack metadata: {name} must be an integer, got {value!r}")
+    if mode not in MODES:
+        raise UserError(f"attack metadata: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return trigger_from_meta(meta["trigger"]), target, mode, num_classes
 
 
 class BackdoorEval:

@@ -10,14 +10,22 @@ from typing import Callable
 import torch
 
 from constants import UserError
+from storage import NO_SPACE
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv=None) -> None:
-    """Run a script's main; a UserError becomes one line on stderr and exit status 2."""
+    """Run a script's main; a UserError becomes one line on stderr and exit status 2, and so
+    does a full disk met by a writer other than storage.py's (a figure, a library's file)."""
     try:
         code = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        print(f"error: no space left on the disk for {e.filename or 'a file'}; free some space "
+              "there and run again", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -59,8 +67,13 @@ def setup_runtime(args) -> torch.device:
 
 
 class RunLogger:
-    """wandb when enabled: online with a key (WANDB_API_KEY, or WANDB_SECRET from .env),
-    offline without one. Any wandb failure degrades to a warning, never a crash."""
+    """wandb when enabled. WANDB_MODE (environment or .env) is obeyed as given: `offline` or
+    `disabled` never goes online, whatever key is set. Without it: online with a key
+    (WANDB_API_KEY, or WANDB_SECRET from .env), giving up after INIT_TIMEOUT_S seconds
+    without a network, then offline; offline without a key. Any wandb failure degrades to a
+    warning, never a crash; the key is never printed."""
+
+    INIT_TIMEOUT_S = 10  # wandb waits 90 s by default: a minute per run without a network
 
     def __init__(self, enabled: bool, project: str, name: str, config: dict):
         self.run = None
@@ -68,23 +81,30 @@ class RunLogger:
             return
         try:
             import wandb
-
-            key = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SECRET")
-            if key:
-                os.environ["WANDB_API_KEY"] = key  # wandb reads it from here; never printed
-            modes = ["online", "offline"] if key else ["offline"]
         except Exception as e:  # no package: keep training
             warnings.warn(f"wandb disabled ({type(e).__name__}); pass -NL to silence this")
             return
-        for mode in modes:  # a bad key or no network falls back to offline logging
+        for mode in self.modes():  # a bad key or no network falls back to offline logging
             try:
                 self.run = wandb.init(project=project, name=name, config=config, mode=mode,
                                       reinit="finish_previous",
-                                      settings=wandb.Settings(init_timeout=60))
+                                      settings=wandb.Settings(init_timeout=self.INIT_TIMEOUT_S))
                 return
             except Exception as e:
                 warnings.warn(f"wandb {mode} failed ({type(e).__name__}); "
                               + ("trying offline" if mode == "online" else "logging disabled"))
+
+    @staticmethod
+    def modes() -> list[str]:
+        """The modes to try, in order. The key reaches wandb (through the environment, never
+        an argument) only when the online mode is tried."""
+        asked = os.environ.get("WANDB_MODE", "").strip().lower()
+        if asked not in ("", "online"):
+            return [asked]  # offline, disabled: as the user said
+        key = os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SECRET")
+        if key:
+            os.environ["WANDB_API_KEY"] = key
+        return ["online", "offline"] if key or asked else ["offline"]
 
     def log(self, data: dict) -> None:
         if self.run is not None:

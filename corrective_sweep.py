@@ -22,12 +22,11 @@ the manipulated model as a dashed line.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from cli import run_main
 from constants import UserError
-from reporting import mean_std, write_json, write_tables
+from reporting import mean_std, read_jsonl, write_json, write_tables
 
 FAMILY = {"retrain": "EU", "ft": "CF", "scrub": "SCRUB", "badt": "BadT", "ssd": "SSD"}
 METHOD_OF = {"EU": "EU", "CF": "CF", "SCRUB": "scrub", "BADT": "BadT", "SSD": "SSD"}
@@ -119,24 +118,21 @@ def plan_experiments(args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 def load_runs(paths: list[str]) -> list[dict]:
-    """The corrective runs of every file; a (tag, seed) seen again replaces the earlier one."""
+    """The corrective runs of every file that did not diverge (a setting that diverged cannot
+    be selected); a (tag, seed) seen again replaces the earlier one."""
     by_key = {}
     for path in paths:
-        file = Path(path)
-        if not file.is_file():
+        if not Path(path).is_file():
             raise UserError(f"runs file {path} does not exist")
-        for i, line in enumerate(file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                run = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path} line {i} is not JSON") from None
+        for run in read_jsonl(path):
             if run.get("config", {}).get("dataset_method"):
                 by_key[(run["name"], run["seed"])] = run
     if not by_key:
         raise UserError(f"{', '.join(paths)}: no corrective (dataset_method) runs")
-    return list(by_key.values())
+    runs = [r for r in by_key.values() if not r.get("diverged")]
+    if len(runs) < len(by_key):
+        print(f"note: {len(by_key) - len(runs)} diverged run(s) left out of the report")
+    return runs
 
 
 SHORT = {"SSDselectwt": "α", "SSDdampening": "λ", "alpha": "α"}

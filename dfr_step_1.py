@@ -102,18 +102,22 @@ def main(argv=None):
                                     "epochs_done": epoch, "num_classes": data.num_classes,
                                     "dataset": data.train.name})
 
+    out = dfr_results_folder(args.poison, folder.name) / "train.json"
+
+    def write_results(model, final_meta, history):  # before the last checkpoint, the commit point
+        if distributed.is_main():
+            write_json(out, {"checkpoints": str(folder), "argv": argv_used, "meta": final_meta,
+                             "history": history, "device": str(device), "torch": torch.__version__})
+
     logger = RunLogger(not args.no_log and distributed.is_main(), args.wandb_project,
                        f"dfr1-{args.poison}-{folder.name}", vars(args))
     _, final_meta, history = train_classifier(
         model_name, data, cfg, device=device, batch_size=args.batch_size, seed=args.seed,
         ckpt_path=last, extra_meta={**meta, "epoch": args.epochs - 1}, logger=logger,
         augment=Augment(crop=0, flip=False) if args.no_augment else None,
-        on_epoch_end=on_epoch_end, view=view)
+        on_epoch_end=on_epoch_end, view=view, finish=write_results)
     logger.finish()
     if distributed.is_main():
-        out = write_json(dfr_results_folder(args.poison, folder.name) / "train.json",
-                         {"checkpoints": str(folder), "argv": argv_used, "meta": final_meta,
-                          "history": history, "device": str(device), "torch": torch.__version__})
         print(f"clean test accuracy after {args.epochs} epochs on {args.poison}: "
               f"{final_meta['test_acc']:.2f}% -> {folder} (results: {out})")
     return 0

@@ -189,7 +189,7 @@ def main(argv=None):
                                  {"random_init": True, "seed": args.seed})
     rows = []
     for e in epochs:
-        sd, _ = engine.load_checkpoint(available[e])
+        sd, _ = engine.load_checkpoint(available[e], dataset=ds, model=model_name)
         rows.append(cached_or_run(out_dir / f"epoch={e}.json", sd, f"epoch {e}",
                                   {"epoch": e, "checkpoint": str(available[e])}))
     if args.epoch == "all" and rows:

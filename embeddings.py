@@ -18,6 +18,7 @@ import torch
 import engine
 from constants import UserError, results_dir
 from models import get_model
+from storage import write_text_atomic
 from training import DataSpec, make_loader, prepare_data
 
 
@@ -25,7 +26,7 @@ from training import DataSpec, make_loader, prepare_data
 
 def load_model(path: Path, device, model_name: str | None = None, dataset: str | None = None):
     """(model, meta) from a checkpoint; model/dataset from its meta unless given."""
-    sd, meta = engine.load_checkpoint(path)
+    sd, meta = engine.load_checkpoint(path, dataset=dataset, model=model_name)
     name = model_name or meta.get("model")
     if not name:
         raise UserError(f"{path} does not record its model: pass --model")
@@ -73,13 +74,9 @@ def prototypes(model) -> np.ndarray:
 
 
 def write_features(path: Path, feats, labels, indices, proto, meta: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"all_features": np.round(feats, 5).tolist(), "all_labels": labels.tolist(),
             "indices": [int(i) for i in indices], "proto": np.round(proto, 6).tolist(), "meta": meta}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(blob))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(blob))
 
 
 # ----------------------------------------------------------------------------- reading

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from constants import UserError
-from datasets import Augment, save_atomic
+from constants import DATASETS, UserError, canonical_dataset_name
+from datasets import Augment
+from models import canonical_model_name
+from storage import read_plain, save_torch
 
 
 @dataclass
@@ -153,6 +155,9 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
     each optimizer step (projections, restoring frozen weights). With `resume_path`, the
     full training state is saved there after every epoch and picked up on the next call;
     the loader replays epochs by seed, so a resumed run ends bit-identical on CPU.
+    A NaN or infinite loss or weight raises `Diverged`, checked where the loop waits for
+    the device anyway (every `log_every` steps, and at the end of each epoch before the
+    weights are evaluated or saved): no extra sync per step.
     """
     if loss_fn is None:
         loss_fn = functools.partial(cross_entropy_loss, label_smoothing=cfg.label_smoothing)
@@ -213,14 +218,19 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
                 seen += len(labels)
             step += 1
             if step % cfg.log_every == 0:  # the only host-device sync inside the epoch
-                bar.set_postfix(loss=f"{loss_sum.item() / n_items:.3f}")
+                running = loss_sum.item() / n_items
+                _check_loss(running, f"{desc}: training diverged at step {step} (epoch {epoch + 1})")
+                bar.set_postfix(loss=f"{running:.3f}")
             if step >= total_steps:
                 break
         sync(device)
         distributed.sync_buffers(model)
+        train_loss = loss_sum.item() / max(1, n_items)
+        where = f"{desc}: training diverged in epoch {epoch + 1}"
+        _check_loss(train_loss, where)  # the sum holds every step's loss: one NaN is enough
+        check_finite(model, where)  # before the weights are evaluated or saved to resume from
         record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
-                  "train_loss": loss_sum.item() / max(1, n_items),
-                  "epoch_seconds": time.perf_counter() - t0}
+                  "train_loss": train_loss, "epoch_seconds": time.perf_counter() - t0}
         if seen.item():
             record["train_acc"] = 100.0 * correct.item() / seen.item()
         if evaluate is not None:
@@ -238,6 +248,33 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
             break
     model.eval()
     return history
+
+
+class Diverged(UserError):
+    """A loss or the weights became NaN or infinite. A single run stops with one error line
+    (and saves nothing as finished); in an experiment list the run is recorded as diverged
+    and the list goes on (runner.py)."""
+
+
+def _check_loss(loss: float, where: str) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(f"{where}: the loss became {loss}; lower the learning rate")
+
+
+def nonfinite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or inf, or None (one sync)."""
+    named = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+    if not named:
+        return None
+    bad = torch.nonzero(~torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()).flatten()
+    return named[int(bad[0])][0] if len(bad) else None
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Raise Diverged when any weight or buffer of `model` is NaN or infinite."""
+    name = nonfinite_tensor(model)
+    if name is not None:
+        raise Diverged(f"{where}: {name} holds NaN or infinite values; lower the learning rate")
 
 
 def _to_channels_last(item):
@@ -279,24 +316,14 @@ def accuracy_on(model: nn.Module, loader, amp: bool | None = None) -> float:
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"state_dict": state, "meta": meta}, Path(path))
+    save_torch({"state_dict": state, "meta": meta}, Path(path))
 
 
-def read_plain(path: Path, what: str):
-    """torch.load with weights_only=True (a stranger's file must not run code); one clear line
-    when the file is missing or holds anything but tensors and plain data."""
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]} "
-                        "(only tensors and plain metadata are loaded)") from None
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """(state_dict, meta). Accepts our format, `{"net": ...}` (I-BAU release),
-    `{"state_dict": ...}`/`{"model": ...}` (SalUn code) and bare state_dicts."""
+def load_checkpoint(path: str | Path, *, dataset: str | None = None,
+                    model: str | None = None) -> tuple[dict, dict]:
+    """(state_dict, meta): the one checkpoint reader. Accepts our format, `{"net": ...}`
+    (I-BAU release), `{"state_dict": ...}`/`{"model": ...}` (SalUn code) and bare
+    state_dicts. With `dataset` / `model`: refused when its meta names another (check_meta)."""
     path = Path(path)
     blob = read_plain(path, "checkpoint")
     if not isinstance(blob, dict):
@@ -305,10 +332,30 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
         if isinstance(blob.get(key), dict):
             meta = blob.get("meta") or {k: v for k, v in blob.items()
                                         if k != key and isinstance(v, (int, float, str, dict))}
-            return _strip_prefix(blob[key]), meta
+            return _strip_prefix(blob[key]), check_meta(meta, path, dataset, model)
     if all(isinstance(v, torch.Tensor) for v in blob.values()):
         return _strip_prefix(blob), {}
     raise UserError(f"checkpoint {path} holds no state_dict (keys: {', '.join(list(blob)[:6])})")
+
+
+def check_meta(meta, path: Path, dataset: str | None = None, model: str | None = None) -> dict:
+    """The checkpoint's meta, refused where it contradicts the dataset or model it is used
+    with (a CIFAR-100 or SVHN model is no CIFAR-10 model, whatever its head's size)."""
+    if not isinstance(meta, dict):
+        raise UserError(f"checkpoint {path}: its meta is a {type(meta).__name__}, not a dict")
+    said = meta.get("dataset")
+    if dataset and said and canonical_dataset_name(str(said)) != canonical_dataset_name(dataset):
+        raise UserError(f"checkpoint {path} was trained on {said}, not {dataset}: use a {dataset} "
+                        f"checkpoint, or set the dataset to {said}")
+    said = meta.get("model")
+    if model and said and canonical_model_name(str(said)) != canonical_model_name(model):
+        raise UserError(f"checkpoint {path} holds a {said}, not a {model}: set the model to "
+                        f"{said}, or use a {model} checkpoint")
+    info = DATASETS.get(canonical_dataset_name(dataset)) if dataset else None
+    if info and meta.get("num_classes") not in (None, info.num_classes):
+        raise UserError(f"checkpoint {path} has {meta['num_classes']} classes, {dataset} "
+                        f"{info.num_classes}: use a {dataset} checkpoint")
+    return meta
 
 
 def _strip_prefix(sd: dict) -> dict:
@@ -340,7 +387,7 @@ def load_weights(model: nn.Module, state_dict: dict, path: str | Path = "checkpo
 
 
 def save_resume_state(path, model, optimizer, scheduler, epoch, step, history) -> None:
-    save_atomic({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+    save_torch({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
                  "history": history, "rng": torch.get_rng_state()}, Path(path))
 

@@ -374,9 +374,9 @@ def load_file(path: str) -> tuple[list, dict]:
         raise UserError(f"{path} is not valid JSON: {e}") from None
     defaults = {}
     if isinstance(data, dict) and "experiments" in data:
-        extra = [k for k in data if k not in ("experiments", "defaults", "description")]
+        extra = [k for k in data if k not in ("experiments", "defaults", "description", "commit")]
         if extra:
-            raise _unknown(path, extra[0], ("experiments", "defaults", "description"))
+            raise _unknown(path, extra[0], ("experiments", "defaults", "description", "commit"))
         defaults, data = data.get("defaults") or {}, data["experiments"]
         if not isinstance(defaults, dict):
             raise UserError(f"{path}: 'defaults' must be an object")

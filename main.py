@@ -26,7 +26,10 @@ recipe and cached; both under CHECKPOINT_DIR, keyed by a hash of config, forget 
 Flags given together with -L override the file's values in every experiment.
 
 Results: one JSON line per run in RESULTS_DIR/main/<file stem>/runs.jsonl, per-experiment
-mean +- std in summary.csv / summary.md (printed at the end). All metrics in percent:
+mean +- std in summary.csv / summary.md (printed at the end). A run already recorded there
+(same validated experiment, same seed) is skipped, so the same command after an interruption
+does only the rest; a run whose loss or weights turn NaN is recorded as diverged (null
+metrics) and counted in the summary's `diverged` column (docs/errors.md). All metrics in percent:
 UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy (without the forgotten
 class in class-wise forgetting), MIA = SalUn's MIA-efficacy (SVC on confidence), MIA_RF =
 DeepDive's RandomForest loss MIA, gap = Avg. Gap to retrain over UA/RA/TA/MIA; time_s =

@@ -248,29 +248,33 @@ def train_from_scratch(model_name: str, data: PreparedData, cfg: engine.TrainCon
     written into the checkpoint's meta."""
     empty = data.test.x[:0], data.test.y[:0]
     quiet = dataclasses.replace(data, test=Split(*empty, data.test.name, False, list(data.test.classes)))
+
+    def final_test_accuracy(model, meta, _history):  # into the meta before the one save
+        meta["test_acc"] = None
+        if test_eval:
+            idx = test_indices_without_class(data.test, data.spec.cf)
+            loader = make_loader(data, "test", idx, model_name=model_name, batch_size=eval_batch_size,
+                                 device=device)
+            meta["test_acc"] = engine.accuracy_on(model, loader, cfg.amp)
+
     with warnings.catch_warnings():  # statistics of the empty split (datasets outside the table)
         warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")
         model, meta, _ = train_classifier(
             model_name, quiet, cfg, device=device, seed=seed, ckpt_path=Path(ckpt_path),
             eval_batch_size=eval_batch_size, logger=logger, view=view,
-            extra_meta={"augment": cfg.augment, **(extra_meta or {})})
-    meta["test_acc"] = None
-    if test_eval:
-        idx = test_indices_without_class(data.test, data.spec.cf)
-        loader = make_loader(data, "test", idx, model_name=model_name, batch_size=eval_batch_size, device=device)
-        meta["test_acc"] = engine.accuracy_on(model, loader, cfg.amp)
-        engine.save_checkpoint(ckpt_path, model, meta)
+            extra_meta={"augment": cfg.augment, **(extra_meta or {})}, finish=final_test_accuracy)
     return model.eval(), meta
 
 
 def retrain_from_scratch(s: Setup, logger=None) -> tuple[nn.Module, dict]:
     """A fresh model trained on `s.data.retain_idx` only (never on a forget index) with the
     base recipe `s.base` and seed `s.seed`: from the cache when `s.cache_key` names one."""
-    def fit_retrain(path):
+    def fit_retrain(path, extra_meta=None):
         return train_from_scratch(
             s.model_name, s.data, s.base, device=s.device, seed=s.seed, ckpt_path=path,
             eval_batch_size=s.eval_batch_size, view=s.view, test_eval=False, logger=logger,
-            extra_meta={"role": "retrain", "n_forget_excluded": len(s.data.forget_idx)})
+            extra_meta={"role": "retrain", "n_forget_excluded": len(s.data.forget_idx),
+                        **(extra_meta or {})})
 
     if s.base is None:
         raise UserError("retraining needs the base model's recipe (Setup.base)")

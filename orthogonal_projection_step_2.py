@@ -155,19 +155,23 @@ def main(argv=None):
              "linear_ckpt": str(linear) if linear else None, "linear_sha1": linear_digest,
              "strong_aug": not args.no_strong_aug,
              "cutmix": {"beta": args.beta, "prob": args.cutmix_prob}}
+    out = projection_results_folder() / f"{ckpt.stem}.json"
+
+    def write_results(model, final, history):  # before the checkpoint, the commit point
+        if distributed.is_main():
+            write_json(out, {"checkpoint": str(ckpt), "argv": sys.argv[1:] if argv is None else list(argv),
+                             "test_acc": final["test_acc"], "meta": final, "history": history,
+                             "device": str(device), "torch": torch.__version__})
+
     logger = RunLogger(not args.no_log and distributed.is_main(), args.wandb_project, f"op2-{name}",
                        vars(args))
     _, meta, history = train_classifier(
         model_name, data, cfg, device=device, batch_size=args.batch_size, seed=args.seed,
         ckpt_path=ckpt, extra_meta=extra, augment=augment, logger=logger, loss_fn=loss_fn,
-        view=view, transform=transform)
+        view=view, transform=transform, finish=write_results)
     logger.finish()
     if not distributed.is_main():
         return 0
-    out = write_json(projection_results_folder() / f"{ckpt.stem}.json",
-                     {"checkpoint": str(ckpt), "argv": sys.argv[1:] if argv is None else list(argv),
-                      "test_acc": meta["test_acc"], "meta": meta, "history": history,
-                      "device": str(device), "torch": torch.__version__})
     what = "without projection" if args.no_project else "after orthogonal projection"
     print(f"clean test accuracy {what} ({args.poison}): {meta['test_acc']:.2f}% -> {ckpt} "
           f"(results: {out})")

@@ -24,6 +24,17 @@ def _expect(what: str, expected, got) -> UserError:
     return UserError(f"{what}: expected {expected}, got {got}")
 
 
+def _check_finite(a, where) -> None:
+    """Refuse NaN or inf: the arithmetic below would silently turn them into black (or white)
+    pixels, on every image they touch. Read in chunks (files may be memory-mapped)."""
+    for s in range(0, len(a), CHUNK):
+        rows = np.asarray(a[s:s + CHUNK]).reshape(min(CHUNK, len(a) - s), -1)
+        bad = np.flatnonzero(~np.isfinite(rows).all(1))
+        if len(bad):
+            raise UserError(f"{where} holds NaN or infinite values (first in entry {s + bad[0]}): the "
+                            "file is damaged; regenerate or download it again")
+
+
 def _nhwc_shape(x):
     n, c, h, w = x.shape
     return (n, h, w, c)
@@ -70,6 +81,7 @@ def import_ule(root, x, y, num_classes, mode: str | None = None):
             or tuple(p.shape[1:]) != (3, h, w) or p.shape[0] not in (n, num_classes):
         got = f"{p.dtype} {tuple(p.shape)}" if isinstance(p, torch.Tensor) else type(p).__name__
         raise _expect(f"perturbation in {path}", f"float ({n} or {num_classes})×3×{h}×{w}", got)
+    _check_finite(p.float().numpy(), f"perturbation in {path}")
     if mode is None:
         mode = "samplewise" if p.shape[0] == n else "classwise"
     if mode not in ("samplewise", "classwise") or p.shape[0] != (n if mode == "samplewise" else num_classes):
@@ -128,6 +140,8 @@ def _one_file(root: Path, pattern: str) -> Path:
 
 
 def _labels_from(a: np.ndarray, n: int, num_classes: int, where) -> torch.Tensor:
+    if a.ndim and np.issubdtype(a.dtype, np.floating):  # one-hot: a NaN row has no argmax
+        _check_finite(a, f"labels in {where}")
     if a.ndim == 2:
         a = a.argmax(1)  # one-hot
     if a.ndim != 1 or len(a) != n or not np.issubdtype(a.dtype, np.number):
@@ -146,6 +160,7 @@ def import_ntga(root, x, y, num_classes):
     a = np.load(xf, mmap_mode="r", allow_pickle=False)
     if a.shape != _nhwc_shape(x) or not np.issubdtype(a.dtype, np.floating):
         raise _expect(f"array in {xf}", f"float {_nhwc_shape(x)}", f"{a.dtype} {a.shape}")
+    _check_finite(a, f"array in {xf}")
     out = torch.empty_like(x)
     for s in range(0, len(x), CHUNK):
         b = np.clip(np.asarray(a[s:s + CHUNK]) * 255, 0, 255).astype(np.uint8)
@@ -171,6 +186,7 @@ def import_ops(root, x, y, num_classes):
     if not ok:
         raise _expect(f"perturbation in {path}",
                       f"float ({n} or {num_classes})×{h}×{w}×{c} or {h}×{w}×{c}", f"{p.dtype} {p.shape}")
+    _check_finite(p, f"perturbation in {path}")
     lab = y.numpy()
     out = torch.empty_like(x)
     for s in range(0, n, CHUNK):
@@ -194,6 +210,7 @@ def import_lsp(root, x, y, num_classes):
     n, c, h, w = x.shape
     if data.ndim != 4 or data.shape[1:] != (h, w, c) or not np.issubdtype(data.dtype, np.floating):
         raise _expect(f"array in {dpath}", f"float M×{h}×{w}×{c}", f"{data.dtype} {data.shape}")
+    _check_finite(data, f"array in {dpath}")
     labels = _labels_from(np.load(lpath, allow_pickle=False), len(data), num_classes, lpath).numpy()
     out = torch.empty_like(x)
     for k in range(num_classes):

@@ -31,8 +31,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +46,7 @@ from poison_generators import (ar, cwrandom, l2_ar, lsp, lsp_default_eps, ops, s
 from poison_importers import IMPORTERS
 from poison_pixels import apply_perturbation, check_images
 from poison_surrogate import error_max_tap, error_min, error_min_cw
+from storage import read_plain, save_torch
 from views import TrainingView
 
 __all__ = ["ALIASES", "EXPENSIVE", "FORMAT", "GENERATORS", "IMPORTERS", "META_KEYS", "RECIPES",
@@ -250,24 +249,12 @@ def _check_pair(images, labels, where: str) -> None:
 
 
 def save_poison(path, images: torch.Tensor, labels: torch.Tensor, meta: dict) -> Path:
-    """Write {format, images, labels, meta} with torch.save, atomically (temp file + os.replace)."""
+    """Write {format, images, labels, meta} with torch.save, atomically (storage.save_torch)."""
     path = Path(path)
     _check_pair(images, labels, str(path))
     _check_meta(meta, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "images": images.contiguous(), "labels": labels.contiguous(),
-               "meta": meta}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_torch({"format": FORMAT, "images": images.contiguous(),
+                       "labels": labels.contiguous(), "meta": meta}, path)
 
 
 def load_poison(path) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -275,10 +262,7 @@ def load_poison(path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found; write it with `save_poison` (make_poison.py)")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read {path} as a poison file: {e}") from None
+    d = read_plain(path, "poison file")
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"{path} is not a {FORMAT} file (keys: "
                         f"{sorted(d) if isinstance(d, dict) else type(d).__name__})")

@@ -1,4 +1,5 @@
-"""Results on disk: JSON (atomic), JSON lines, CSV and Markdown tables, mean ± std rows.
+"""Results on disk: JSON (atomic, never NaN), JSON lines, CSV and Markdown tables, mean ± std
+rows. The writing itself (atomic files, appends, a full disk) is storage.py's.
 
 Every result record written here (a JSON object, or a line of a JSON-lines file) carries the
 git commit of the code that produced it (`commit`; "+dirty" when the checkout had
@@ -11,9 +12,11 @@ import functools
 import io
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
+
+from constants import UserError
+from storage import append_line, complete_lines, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent
 
@@ -37,24 +40,42 @@ def _stamped(obj):
     return {**obj, "commit": obj.get("commit", git_commit())} if isinstance(obj, dict) else obj
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+def finite(obj):
+    """`obj` with every NaN or infinite float replaced by None: JSON has no NaN (json.dumps
+    would write one anyway, and most readers refuse it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj, **kw) -> str:
+    """Valid JSON, always: non-finite floats become null, anything else unknown a string."""
+    return json.dumps(finite(obj), allow_nan=False, default=str, **kw)
 
 
 def write_json(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(_stamped(obj), indent=2, default=str) + "\n")
+    return write_text_atomic(path, to_json(_stamped(obj), indent=2) + "\n")
 
 
 def append_jsonl(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:  # one short line per write: a crash leaves whole lines
-        f.write(json.dumps(_stamped(obj), default=str) + "\n")
+    """One record as one line; a torn last line is set aside first (storage.append_line)."""
+    append_line(path, to_json(_stamped(obj)))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (a torn last line, not yet set aside, left out)."""
+    records = []
+    for n, text in complete_lines(path):
+        try:
+            records.append(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n} is not valid JSON ({e.msg}): fix or delete that "
+                            "line") from None
+    return records
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -5,7 +5,9 @@ and cached, one run per (experiment, seed), and the result files.
 set's own: SalUn's UA/RA/TA/MIA, or the corrective paper's), Avg. Gap to the retrain
 reference where it is defined, timings, the experiment's config and the git commit.
 `run_list` writes one JSON line per run to runs.jsonl, then summary.csv / summary.md (mean
-± std over seeds).
+± std over seeds). A run is recorded once: running the same list again skips the runs
+already recorded and does only the rest. A run whose loss or weights become non-finite is
+recorded as diverged (null metrics, `diverged` says where) and the list goes on.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -23,13 +26,13 @@ import engine
 import metrics as MX
 import unlearning
 from cli import RunLogger
-from constants import UserError
 from datasets import balanced_subset, write_index_json
 from experiments import Experiment
 from methods import recipe_from_meta, retrain_from_scratch, train_from_scratch
-from models import canonical_model_name, get_model
-from reporting import append_jsonl, summarize, write_tables
+from models import get_model
+from reporting import append_jsonl, read_jsonl, summarize, to_json, write_tables
 from saliency import load_mask, mask_fraction, save_mask, saliency_mask
+from storage import set_aside_torn_tail
 from training import PreparedData, cache_path, cached_model, prepare_data, recipe_key
 
 METRICS = ["UA", "RA", "TA", "MIA", "MIA_RF", "gap", "Acc_corr", "Acc_retain", "ASR", "acc_Sm",
@@ -94,10 +97,7 @@ class Runner:
         if exp.checkpoint:
             key = exp.checkpoint
             if key not in self.bases:
-                sd, meta = engine.load_checkpoint(key)
-                if meta.get("model") and canonical_model_name(meta["model"]) != canonical_model_name(exp.model):
-                    raise UserError(f"{key} holds a {meta['model']} but the experiment says model "
-                                    f"'{exp.model}': set \"model\"")
+                sd, meta = engine.load_checkpoint(key, dataset=exp.dataset, model=exp.model)
                 model = get_model(exp.model, self.data(exp, exp.seed).num_classes).to(self.device)
                 engine.load_weights(model, sd, key)
                 recipe = recipe_from_meta(meta) if isinstance(meta.get("train"), dict) else exp.base
@@ -108,15 +108,18 @@ class Runner:
             recipe = dataclasses.replace(exp.base, amp=self.amp)
             model, meta, path = cached_model(
                 "base", self.base_key(exp, seed), model_name=exp.model, dataset=exp.dataset,
-                device=self.device, train=lambda path: self._train_base(exp, seed, recipe, path))
+                device=self.device,
+                train=lambda path, extra: self._train_base(exp, seed, recipe, path, extra))
             if meta["cached"]:
-                print(f"base model: {path} (cached, test acc {meta.get('test_acc', float('nan')):.2f}%)")
+                acc = meta.get("test_acc")
+                print(f"base model: {path} (cached, test acc "
+                      f"{f'{acc:.2f}%' if isinstance(acc, float) else 'unknown'})")
             self.bases[key] = (model, meta, exp.base)
         return self.bases[key]
 
-    def _train_base(self, exp: Experiment, seed: int, recipe, path: Path):
+    def _train_base(self, exp: Experiment, seed: int, recipe, path: Path, extra: dict):
         data = self.split(exp.forget.data_spec(exp, with_forget=False), None)
-        extra = {"role": "base", **exp.forget.base_meta(self, exp, seed, path)}
+        extra = {"role": "base", **exp.forget.base_meta(self, exp, seed, path), **extra}
         print(f"training the base model -> {path}")
         model, meta = train_from_scratch(exp.model, data, recipe, device=self.device,
                                          seed=self.base_seed(exp, seed), ckpt_path=path,
@@ -170,6 +173,16 @@ class Runner:
         return exp.forget.evaluate(self, model, exp, data, seed, test_idx)
 
     # --- one run -------------------------------------------------------------------
+    def run_or_diverge(self, exp: Experiment, index: int, seed: int) -> dict:
+        """The run's record; a run that diverged (engine.Diverged, from training the base
+        model, the reference or the unlearning) is a record too, with null metrics."""
+        try:
+            return {**self.run(exp, index, seed), "diverged": None}
+        except engine.Diverged as e:
+            return {"experiment": index, "name": exp.tag, "method": exp.method_name, "seed": seed,
+                    "forget": exp.forget.label(), **{m: None for m in METRICS}, "diverged": str(e),
+                    "config": exp.record(), "device": str(self.device), "torch": torch.__version__}
+
     def run(self, exp: Experiment, index: int, seed: int) -> dict:
         data = self.data(exp, seed)
         base, base_meta, recipe = self.base_model(exp, seed)
@@ -277,55 +290,103 @@ def prepare_shared_models(runner: Runner, jobs: list[tuple[int, Experiment, int]
     distributed.wait_all()
 
 
+def run_id(config: dict, seed: int) -> str:
+    """What names a run in runs.jsonl: its experiment's validated config (`Experiment.record()`
+    without `nexp`, which says how many runs there are, not what one is) and its seed. An
+    edited experiment is another run."""
+    return to_json({"config": {k: v for k, v in config.items() if k != "nexp"}, "seed": seed},
+                   sort_keys=True)
+
+
+def recorded_runs(runs_file: Path) -> dict[str, dict]:
+    """The runs runs.jsonl holds, by run_id (a torn last line, left by a crash mid-write, is
+    set aside first)."""
+    if distributed.global_rank() == 0:
+        set_aside_torn_tail(runs_file)
+    return {run_id(r["config"], r["seed"]): r for r in read_jsonl(runs_file)
+            if isinstance(r, dict) and isinstance(r.get("config"), dict) and "seed" in r}
+
+
 def run_list(exps: list[Experiment], runner: Runner, *, source: str, log: bool,
              wandb_project: str) -> tuple[list[dict], Path]:
-    """Every (experiment, seed) run, each record appended to runs.jsonl as it ends. Under
-    torchrun the runs are dealt out round-robin (each rank trains alone, no DDP) and rank 0
-    merges every rank's records in the single-process order."""
+    """Every (experiment, seed) run not yet recorded in runs.jsonl, each record appended as it
+    ends; returns the records of the whole list (recorded earlier or now), for the summary."""
     runs_file = runner.out_dir / "runs.jsonl"
+    recorded = recorded_runs(runs_file)
+    jobs = [(i, exp, seed) for i, exp in enumerate(exps, 1) for seed in exp.seeds]
+    ids = [run_id(exp.record(), seed) for _, exp, seed in jobs]
+    seen, pending = set(recorded), []
+    for job, key in zip(jobs, ids):
+        if key not in seen:  # a run listed twice is run once
+            seen.add(key)
+            pending.append(job)
+    if len(pending) < len(jobs):
+        print(f"{len(jobs) - len(pending)} of {len(jobs)} run(s) already recorded in {runs_file}: "
+              "skipped")
+    new = run_jobs(pending, len(exps), runner, runs_file, source=source, log=log,
+                   wandb_project=wandb_project)
+    if distributed.global_rank() != 0:  # rank 0 writes the tables
+        return [], runs_file
+    recorded.update((run_id(r["config"], r["seed"]), r) for r in new)
+    return ([{**recorded[key], "experiment": i, "name": exp.tag} for (i, exp, _), key in zip(jobs, ids)],
+            runs_file)
+
+
+def run_jobs(jobs: list[tuple[int, Experiment, int]], n_exps: int, runner: Runner, runs_file: Path,
+             *, source: str, log: bool, wandb_project: str) -> list[dict]:
+    """Run `jobs`, appending each record to runs_file as it ends. Under torchrun the runs are
+    dealt out round-robin (each rank trains alone, no DDP) and rank 0 merges every rank's
+    records in the single-process order."""
     started = distributed.gather_all(time.strftime("%Y%m%d_%H%M%S"))[0]
     split = distributed.global_world_size() > 1
+    out_file = runs_file
     if split:  # this rank's records as it goes; rank 0 merges them into runs.jsonl at the end
-        runs_file = runner.out_dir / f"runs.{started}.rank{distributed.global_rank()}.jsonl"
-    jobs = [(i, exp, seed) for i, exp in enumerate(exps, 1) for seed in exp.seeds]
+        out_file = runner.out_dir / f"runs.{started}.rank{distributed.global_rank()}.jsonl"
     records = []
     with distributed.independent():
         if split:
             prepare_shared_models(runner, jobs)
         for j in distributed.share_out(range(len(jobs))):
             i, exp, seed = jobs[j]
-            print(f"\n=== experiment {i}/{len(exps)} '{exp.tag}', seed {seed} ===")
+            print(f"\n=== experiment {i}/{n_exps} '{exp.tag}', seed {seed} ===")
             logger = RunLogger(log, wandb_project,
                                f"{exp.method_name}_run_{'M_' if exp.use_mask else ''}{started}_{seed - exp.seed}",
                                {**exp.record(), "tag": exp.tag, "runid": started,
                                 "runidx": seed - exp.seed, "source": source})
-            record = runner.run(exp, i, seed)
+            record = runner.run_or_diverge(exp, i, seed)
             record["started"] = started
-            append_jsonl(runs_file, record)
+            append_jsonl(out_file, record)
             logger.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
             logger.finish()
             records.append((j, record))
-            print("  " + ", ".join(f"{k}={record[k]:.2f}" for k in METRICS if isinstance(record.get(k), float)))
+            metrics = ", ".join(f"{k}={record[k]:.2f}" for k in METRICS if isinstance(record.get(k), float))
+            print("  " + (f"diverged: {record['diverged']}" if record["diverged"] else metrics))
     records = distributed.merge_in_order(records)
-    if split:
-        if distributed.global_rank() != 0:
-            return [], runs_file
-        runs_file = runner.out_dir / "runs.jsonl"
+    if split and distributed.global_rank() == 0:
         for record in records:
             append_jsonl(runs_file, record)
         for part in runner.out_dir.glob(f"runs.{started}.rank*.jsonl"):
             part.unlink()
-    return records, runs_file
+    return records
+
+
+GROUP = ["experiment", "name", "forget"]
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
+    """One row per experiment: n runs, mean ± std of each metric over the runs that did not
+    diverge, and (when any did) how many diverged; a metric no run finished reads "diverged"."""
     present = [m for m in METRICS if any(isinstance(r.get(m), (int, float)) for r in records)]
-    rows = summarize(records, ["experiment", "name", "forget"], present)
+    rows = summarize(records, GROUP, present)
+    diverged = Counter(tuple(r.get(k) for k in GROUP) for r in records if r.get("diverged"))
     out = []
     for row in rows:
+        n_diverged = diverged[tuple(row[k] for k in GROUP)]
         new = {"experiment": row["experiment"], "method": row["name"], "forget": row["forget"], "n": row["n"]}
         for m in present:
-            new[HEADERS[m]] = row.get(m, "")
+            new[HEADERS[m]] = row.get(m, "diverged" if n_diverged == row["n"] else "")
+        if diverged:
+            new["diverged"] = n_diverged
         out.append(new)
     return out
 

@@ -18,9 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import engine
 from constants import UserError
-from datasets import save_atomic
+from storage import read_plain, save_torch
 
 @torch.no_grad()
 def _flat_abs(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -79,14 +78,14 @@ def mask_fraction(mask: dict[str, torch.Tensor]) -> float:
 def save_mask(path: str | Path, mask: dict[str, torch.Tensor], **meta) -> Path:
     """Atomic save: {"mask": {name: bool tensor (cpu)}, "meta": plain metadata}."""
     path = Path(path)
-    save_atomic({"mask": {k: v.detach().bool().cpu() for k, v in mask.items()}, "meta": meta}, path)
+    save_torch({"mask": {k: v.detach().bool().cpu() for k, v in mask.items()}, "meta": meta}, path)
     return path
 
 
 def load_mask(path: str | Path, model: nn.Module | None = None, device=None) -> dict[str, torch.Tensor]:
     """Read a mask saved by `save_mask`, or an official SalUn `with_{t}.pt` ({name: 0/1});
     with `model`, names and shapes are checked against it."""
-    blob = engine.read_plain(Path(path), "mask file")
+    blob = read_plain(Path(path), "mask file")
     mask = blob.get("mask", blob) if isinstance(blob, dict) else None
     if not isinstance(mask, dict) or not all(isinstance(v, torch.Tensor) for v in mask.values()):
         raise UserError(f"{path} is not a mask file (expected {{param name: 0/1 tensor}})")

@@ -294,26 +294,29 @@ def main(argv=None):
     if main_rank:
         write_index_json(ckpt.with_name(ckpt.stem + "_forget.json"), data.forget_idx,
                          dataset=ds, split="train", cf=args.cf, unlr=args.unlr)
+    out = results_dir() / "train" / f"{ckpt.stem}.json"
+
+    def finish(model, meta, history):  # all of it before the checkpoint, the commit point
+        if poison is not None:  # clean accuracy and ASR on the full test split, into the meta
+            meta["backdoor"] = backdoor_metrics(model, data.test, torch.arange(len(data.test)),
+                                                poison.meta, normalize=expects_normalized(model_name),
+                                                device=device)
+            print("backdoor: " + ", ".join(f"{k} {v:.2f}" for k, v in meta["backdoor"].items()
+                                           if isinstance(v, float)))
+        if main_rank:
+            write_json(out, {"checkpoint": str(ckpt), "meta": meta, "history": history,
+                             "device": str(device), "torch": torch.__version__})
+
     model, meta, history = train_classifier(
         model_name, data, cfg, device=device, seed=args.seed,
         ckpt_path=ckpt, logger=logger, resume=not args.no_resume,
         extra_meta={"argv": sys.argv[1:] if argv is None else list(argv),
                     **({"attack": poison.meta} if poison else {}),
                     **({"poison": avail[1]} if avail else {})},
-        view=view)
-    if poison is not None:  # clean accuracy and ASR on the full test split, into the meta
-        meta["backdoor"] = backdoor_metrics(model, data.test, torch.arange(len(data.test)), poison.meta,
-                                            normalize=expects_normalized(model_name), device=device)
-        engine.save_checkpoint(ckpt, model, meta)
-        print("backdoor: " + ", ".join(f"{k} {v:.2f}" for k, v in meta["backdoor"].items()
-                                       if isinstance(v, float)))
+        view=view, finish=finish)
     logger.finish()
-    if not main_rank:
-        return 0
-    out = results_dir() / "train" / f"{ckpt.stem}.json"
-    write_json(out, {"checkpoint": str(ckpt), "meta": meta, "history": history,
-                     "device": str(device), "torch": torch.__version__})
-    print(f"test accuracy {meta['test_acc']:.2f}% -> {ckpt} (results: {out})")
+    if main_rank:
+        print(f"test accuracy {meta['test_acc']:.2f}% -> {ckpt} (results: {out})")
     return 0
 
 

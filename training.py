@@ -14,7 +14,7 @@ import torch
 
 import distributed
 import engine
-from constants import canonical_dataset_name, checkpoint_dir
+from constants import UserError, canonical_dataset_name, checkpoint_dir
 from datasets import (Augment, BatchLoader, Split, balanced_subset, dataset_info, forget_indices,
                       load_split, stratified_split)
 from models import canonical_model_name, expects_normalized, get_model
@@ -58,9 +58,27 @@ def prepare_data(spec: DataSpec, seed: int = 0) -> PreparedData:
     forget = forget_indices(train.y, cf=spec.cf, unlr=spec.unlr, itf=spec.itf, seed=seed,
                             candidates=candidates)
     if spec.itf is not None and spec.subset:
-        forget = forget[torch.isin(forget, candidates)]  # an index file may cover more
+        forget = _forget_in_subset(forget, pool, candidates, spec)
     retain = candidates[~torch.isin(candidates, forget)]
     return PreparedData(train, test, retain, val_idx, forget, spec)
+
+
+def _forget_in_subset(forget: torch.Tensor, pool: torch.Tensor, candidates: torch.Tensor,
+                      spec: DataSpec) -> torch.Tensor:
+    """An index file's forget set under `subset`: every index must be in the subset's draw
+    (else the forget set would silently shrink, to nothing for a file of another draw); those
+    in the draw's validation split were never trained on and are left out, with a note."""
+    outside = forget[~torch.isin(forget, pool)]
+    if len(outside):
+        raise UserError(f"index file {spec.itf} has {len(outside)} of its {len(forget)} indices "
+                        f"outside the subset trained on (subset {spec.subset}, split seed "
+                        f"{spec.split_seed}; e.g. {int(outside[0])}): use indices of that draw "
+                        "(the _forget.json written beside a model trained on it) or drop the subset")
+    kept = forget[torch.isin(forget, candidates)]
+    if len(kept) < len(forget):
+        print(f"note: {len(forget) - len(kept)} indices of {spec.itf} are in the validation split "
+              "(never trained on) and are not forgotten")
+    return kept
 
 
 def test_indices_without_class(test: Split, cf: int | None) -> torch.Tensor:
@@ -112,7 +130,7 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
                      extra_meta: dict | None = None, augment: Callable | None = None,
                      eval_batch_size: int = 1024, logger=None, resume: bool = True,
                      on_epoch_end=None, view: TrainingView | None = None,
-                     transform: Callable | None = None, loss_fn=None):
+                     transform: Callable | None = None, loss_fn=None, finish: Callable | None = None):
     """Train from scratch on `data.retain_idx`, evaluate each epoch on val/test, and save
     `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`.
     The batch size and augmentation are the config's unless given (`augment`: a whole-batch
@@ -120,7 +138,10 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     set as trained on (views.py), `transform` a float transform of each batch before
     augmentation (the orthogonal projection).
     `loss_fn` (default cross-entropy) is passed to engine.fit, e.g. a CutMix loss;
-    `on_epoch_end(epoch, record, model)` runs after every epoch (e.g. per-epoch checkpoints)."""
+    `on_epoch_end(epoch, record, model)` runs after every epoch (e.g. per-epoch checkpoints).
+    `finish(model, meta, history)` completes the meta (final metrics) and writes what belongs
+    with the checkpoint (a results file); the checkpoint is written after it, last, so it
+    exists only when everything that belongs to it does (one commit point)."""
     batch_size = batch_size or cfg.batch_size
     augment = augment or cfg.augmentation()
     num_classes = data.num_classes
@@ -156,9 +177,11 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
     final = history[-1] if history else {}
     meta.update({"epochs_done": final.get("epoch", 0), "test_acc": final.get("test_acc"),
                  "val_acc": final.get("val_acc"), "train_seconds_this_process": seconds,
-                 "n_train": len(data.retain_idx), "n_forget": len(data.forget_idx)})
+                 "n_train": len(data.retain_idx), "n_forget": len(data.forget_idx),
+                 "world_size": distributed.world_size()})
+    if finish is not None:
+        finish(model, meta, history)
     if distributed.is_main():
-        meta["world_size"] = distributed.world_size()
         engine.save_checkpoint(ckpt_path, model, meta)
         if resume_path is not None and resume_path.exists():
             resume_path.unlink()  # finished: the checkpoint is the record now
@@ -172,16 +195,57 @@ def cache_path(role: str, key: dict, *, model_name: str, dataset: str) -> Path:
 
 
 def cached_model(role: str, key: dict, *, model_name: str, dataset: str, device,
-                 train: Callable[[Path], tuple[torch.nn.Module, dict]]):
+                 train: Callable[[Path, dict], tuple[torch.nn.Module, dict]]):
     """The one owner of a trained model kept for reuse (base models, retrain references):
-    its path (`cache_path`), the lookup, the training when it is missing (`train(path)`
-    trains and writes `path` atomically, engine.save_checkpoint) and the reuse.
+    its path (`cache_path`), the lookup, the training when it is missing and the reuse.
+    `train(path, extra_meta)` trains and writes `path` (engine.save_checkpoint) with
+    `extra_meta` in its meta: the key, which every later lookup checks (`_load_cached`).
     Returns (model in eval mode, meta with `cached`, path)."""
     path = cache_path(role, key, model_name=model_name, dataset=dataset)
     if path.is_file():
+        model, meta = _load_cached(path, key, model_name, device)
+        return model, {**meta, "cached": True}, path
+    model, meta = train(path, {"cache_key": _plain(key)})
+    return model.eval(), {**meta, "cached": False}, path
+
+
+def _plain(key: dict) -> dict:
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _load_cached(path: Path, key: dict, model_name: str, device):
+    """A cached model, verified: readable, fitting its architecture, finite, made for `key`."""
+    try:
         state_dict, meta = engine.load_checkpoint(path)
+        if type(meta.get("num_classes")) is not int:
+            raise UserError("its meta records no number of classes")
         model = get_model(model_name, meta["num_classes"]).to(device)
         engine.load_weights(model, state_dict, path)
-        return model.eval(), {**meta, "cached": True}, path
-    model, meta = train(path)
-    return model.eval(), {**meta, "cached": False}, path
+        engine.check_finite(model, "its weights")
+    except UserError as e:
+        raise UserError(f"cached model {path} is damaged ({e}); delete it to train it again") from None
+    why = _key_mismatch(meta, key, model_name)
+    if why:
+        raise UserError(f"cached model {path} was not made for this lookup ({why}): it was replaced "
+                        "or copied there; delete it to train the right one")
+    return model.eval(), meta
+
+
+def _key_mismatch(meta: dict, key: dict, model_name: str) -> str | None:
+    """What differs between the key a cached model records and the one it is looked up with.
+    Models cached before the key was recorded are checked on what their meta always held:
+    architecture, seed and recipe."""
+    want = _plain(key)
+    if "cache_key" in meta:
+        got = meta["cache_key"] if isinstance(meta["cache_key"], dict) else {}
+    else:
+        recipe = want.get("recipe", {}).get("train", {})
+        got = {"model": canonical_model_name(str(meta.get("model"))), "seed": meta.get("seed"),
+               "recipe": {f: (meta.get("train") or {}).get(f) for f in recipe}}
+        want = {"model": canonical_model_name(model_name), "seed": want.get("seed"),
+                "recipe": recipe}
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if not differ:
+        return None
+    k = differ[0]
+    return f"{k}: recorded {json.dumps(got.get(k))[:80]}, looked up {json.dumps(want.get(k))[:80]}"

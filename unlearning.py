@@ -193,14 +193,17 @@ def method_params(name: str, given: dict | None = None) -> dict:
 
 def unlearn(model: nn.Module, name: str, setup: Setup) -> nn.Module:
     """Run method `name` (name or alias) on `model` with `setup`; returns the unlearned model.
-    `setup.params` may hold only the method's own hyper-parameters."""
+    `setup.params` may hold only the method's own hyper-parameters. engine.Diverged when the
+    result holds NaN or infinite weights (one-shot methods included)."""
     method, _ = resolve(name)
     setup.params = method_params(name, setup.params)
     if method.needs_forget and len(setup.data.forget_idx) == 0:
         raise UserError(f"{method.name} needs a non-empty forget set")
     if method.forces_mask and setup.mask is None:
         raise UserError(f"{method.name} needs a saliency mask: compute one with saliency_mask()")
-    return method.fn(model, setup)
+    model = method.fn(model, setup)
+    engine.check_finite(model, f"{method.name}: the unlearned model diverged")
+    return model
 
 
 # ============================================================================ data streams

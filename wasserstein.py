@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import embeddings as E  # noqa: E402
 from cli import run_main  # noqa: E402
 from constants import UserError, results_dir  # noqa: E402
+from storage import write_text_atomic  # noqa: E402
 
 
 def build_parser():
@@ -78,7 +79,7 @@ def main(argv=None):
             lim = float(np.nanmax(np.abs(delta))) if np.isfinite(delta).any() else 1.0
             heatmap(delta, dest / f"delta_{b}_minus_{a}.png", f"W1[{b}] - W1[{a}] ({stem})", "PiYG_r",
                     -lim or -1.0, lim or 1.0, "difference")
-        (dest / "distances.json").write_text(json.dumps(
+        write_text_atomic(dest / "distances.json", json.dumps(
             {"samples": args.samples, "backend": args.backend,
              "matrices": {n: [[None if not np.isfinite(v) else round(float(v), 5) for v in row] for row in m]
                           for n, m in mats.items()}}, indent=1))

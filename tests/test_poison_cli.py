@@ -98,12 +98,12 @@ def test_train_replaces_exactly_the_training_images(tiny_env):
 
     data = prepare_data(DataSpec("cifar10", val_frac=0.1))
     args = argparse.Namespace(poison="cwrandom", poison_file=None, poison_seed=3)
-    overrides, record, tag = train.availability_poison(args, data)
+    view, record, tag = train.availability_poison(args, data)
     images, _, meta = P.poisoned_train_set("cwrandom", "cifar10", seed=3, split=data.train)
-    idx, imgs = overrides["replace"]
+    idx, imgs = view.replace_idx, view.replace_images
     assert torch.equal(idx, data.retain_idx) and torch.equal(imgs, images[data.retain_idx])
     assert not torch.equal(imgs, data.train.x[idx])
-    assert record["seed"] == 3 and tag == "cwrandom-pseed3" and "labels" not in overrides
+    assert record["seed"] == 3 and tag == "cwrandom-pseed3" and view.labels is None
 
 
 def test_make_poison_imports_a_published_format(tiny_env, capsys):
@@ -149,7 +149,7 @@ def test_import_with_the_wrong_count_is_one_line(tiny_env, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--poison", "lsp", "--attack", "badnets"], "mutually exclusive"),
+    (["--poison", "lsp", "--poison-rate", "0.1"], "need(s) --attack"),
     (["--poison", "error-min"], "make_poison.py error-min"),
     (["--poison-file", "/no/such.pt"], "not found"),
 ])
