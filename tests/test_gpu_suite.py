@@ -3,6 +3,7 @@
 tool is there; a part over its budget is cut and says so; bad flags give one error line."""
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,18 @@ def suite(tmp: Path, *flags) -> tuple[int, dict, str]:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp / "gpu.json").read_text()) if (tmp / "gpu.json").is_file() else {}
     return proc.returncode, report, proc.stdout + proc.stderr
+
+
+def numbers(tree, path=()):
+    """(path, value) for every number in a JSON tree (bools left out)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from numbers(v, (*path, k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from numbers(v, (*path, i))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
 
 
 def pack_tiny_archive(tmp: Path) -> Path:
@@ -82,6 +95,13 @@ def test_tiny_suite_reports_every_part(tmp_path):
         assert f["f"]["cifar10"]["asr"] is not None
     assert {"poisoning", "interclasslabelswap"} <= set(f["g"])
     assert len(f["g"]["poisoning"]) == 1 + 10  # the manipulated model, 5 methods x 2 shares
+    found = list(numbers(f))
+    assert len(found) > 100, "the parts' figures hold numbers"
+    assert [p for p, v in found if not math.isfinite(v)] == []
+    for key in ["data", *DEFAULT_PARTS]:
+        assert math.isfinite(parts[key]["seconds"]) and parts[key]["seconds"] >= 0, key
+        assert all(s["status"] == "done" for s in parts[key]["steps"]), (key, parts[key]["steps"])
+    assert report["state"] == "finished" and 0 < report["elapsed_s"] < 600
     md = (tmp_path / "gpu.md").read_text()
     assert all(f"## ({k})" in md for k in DEFAULT_PARTS) and "torchvision" in md
 
