@@ -1,0 +1,88 @@
+"""What SalUn's hard mask costs an epoch: the same unlearning run timed without the saliency
+mask (rl_split: per epoch one pass over the forget set with random labels, then one over the
+retain set) and with it (salun: rl_split under the mask), on the same model, data, batch
+size and device; and the mask's computation (one pass over the forget set) on its own.
+
+    python bench/mask_bench.py --model resnet18                      # on a GPU
+    python bench/mask_bench.py --model smallcnn --subset 2000 --threads 2
+
+The model is freshly initialised (the cost does not depend on what it has learnt). A first
+rl_split epoch warms the device up and is not counted; each timing is the fastest of
+`--repeats`, the two variants interleaved. The issue's target: the mask costs at most 5 %
+of an epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import metrics as MX  # noqa: E402
+import unlearning  # noqa: E402
+from cli import add_runtime_args, run_main, setup_runtime  # noqa: E402
+from constants import UserError  # noqa: E402
+from reporting import write_json  # noqa: E402
+from saliency import saliency_mask  # noqa: E402
+from training import DataSpec, build_model, prepare_data  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smallcnn")
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--subset", type=int, default=0, help="class-balanced training subset (0: all)")
+    p.add_argument("--class-to-forget", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1, help="epochs per timing")
+    p.add_argument("--batch-size", type=int, default=256, help="SalUn's unlearning batch size")
+    p.add_argument("--mask-thr", type=float, default=0.5)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None)
+    add_runtime_args(p)
+    return p
+
+
+def timed_unlearn(model, method: str, setup) -> float:
+    with MX.timer(setup.device) as t:
+        unlearning.unlearn(copy.deepcopy(model), method, setup)
+    return t.seconds
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if min(args.epochs, args.repeats, args.batch_size) <= 0:
+        raise UserError("--epochs, --repeats and --batch-size must be positive")
+    device = setup_runtime(args)
+    data = prepare_data(DataSpec(args.dataset, args.subset or None, 0.1, 0, cf=args.class_to_forget))
+    model = build_model(args.model, data.num_classes, device, 0)
+    train = dataclasses.replace(unlearning.UNLEARN_DEFAULTS, epochs=args.epochs, lr=0.013,
+                                batch_size=args.batch_size, amp=args.amp, compile=args.compile)
+    plain = unlearning.Setup(data=data, model_name=args.model, device=device, seed=0, train=train)
+    timed_unlearn(model, "rl_split", dataclasses.replace(plain, train=dataclasses.replace(train, epochs=1)))
+    with MX.timer(device) as t:
+        mask = saliency_mask(model, unlearning.forget_loader(plain, salt=7), args.mask_thr)
+    mask_seconds = t.seconds
+    masked = dataclasses.replace(plain, mask=mask)
+    rl = salun = float("inf")
+    for _ in range(args.repeats):
+        rl = min(rl, timed_unlearn(model, "rl_split", plain))
+        salun = min(salun, timed_unlearn(model, "salun", masked))
+    cost = 100 * (salun - rl) / rl
+    out = {"model": args.model, "device": str(device), "epochs": args.epochs, "batch_size": args.batch_size,
+           "n_forget": len(data.forget_idx), "n_retain": len(data.retain_idx),
+           "rl_epoch_s": rl / args.epochs, "salun_epoch_s": salun / args.epochs,
+           "mask_cost_pct": cost, "mask_compute_s": mask_seconds,
+           "mask_compute_pct_of_epoch": 100 * mask_seconds / (rl / args.epochs)}
+    print(f"{args.model} on {device}: an epoch of rl_split {out['rl_epoch_s']:.3f} s, of salun (masked) "
+          f"{out['salun_epoch_s']:.3f} s: the mask costs {cost:.1f} % of an epoch (target <= 5 %); "
+          f"computing the mask {mask_seconds:.3f} s")
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
