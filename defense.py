@@ -27,6 +27,12 @@ NOT in the clean set; ASR counts non-target-class images only (BackdoorBench). B
 themselves, target class included.
 
 Differences from the release (all switchable):
+  * 5 % of every outer batch gets δ (--perturb-frac 0.05), not the release's 1 %: with a
+    single perturbed image per batch, the outer step's unlearning signal is that one image's
+    (its loss is hundreds of times the clean images'), Adam's first, sign-like steps amplify
+    float-level differences, and whether a round removes the backdoor is a coin toss (on the
+    release's CIFAR-10 model, the same seed gave 1 % or 90 % ASR after one round depending
+    only on how batch norm was computed, values equal to ~1e-6). Five images per batch remove it on every seed (docs/ibau.md).
   * at least --min-perturbed images of every outer batch get δ; the release's int(0.01·B)
     is 0 for batches under 100 (a small last batch, --batch_size < 100), which silently
     turns those steps into plain fine-tuning. --min-perturbed 0 restores it.
