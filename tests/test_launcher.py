@@ -162,20 +162,26 @@ def test_a_launch_with_a_killed_and_a_preempted_job_ends_as_one_process(tiny_env
     assert table(tiny_env / "single") == table(out) and len(table(out)) == 3
 
 
-def test_two_launches_of_one_list_at_once_train_each_shared_model_once(tiny_env):
+@pytest.mark.parametrize("second", [["--launcher", "local", "--max-parallel", "2"], []],
+                         ids=["two-launches", "launch-and-plain-main"])
+def test_two_processes_on_one_list_at_once_train_each_shared_model_once(tiny_env, second):
+    """Two main.py processes started at the same moment on one list and one CHECKPOINT_DIR
+    (two launches; or a launch and a plain main.py without --launcher): each shared model
+    (the base model and the retrain reference, class 1 seed 0, both runs use) is trained
+    once, each run is run once, runs.jsonl holds each run once in the list's order."""
     path = experiment_list(tiny_env, [{"method": "ft"}, {"method": "ga", "lr": 0.001}], nexp=1)
     out = tiny_env / "out"
-    cmd = launch_command(path, out, "--launcher", "local", "--max-parallel", "2")
+    cmds = [launch_command(path, out, "--launcher", "local", "--max-parallel", "2"), launch_command(path, out, *second)]
     procs = [subprocess.Popen(cmd, cwd=tiny_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+             for cmd in cmds]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     logs = "".join(p.read_text(errors="replace") for p in (out / "jobs" / "logs").glob("*_log.out"))
-    # the base model and the retrain reference (class 1, seed 0) both runs use: once each
-    assert logs.count("training the base model") == 1 and logs.count("training the retrain reference") == 1
+    said = logs + "".join(outputs)  # a plain main.py trains in its own process
+    assert said.count("training the base model") == 1 and said.count("training the retrain reference") == 1, said
     ck = tiny_env / "checkpoint_dir"
     assert len(list((ck / "base").glob("*.pt"))) == 1 and len(list((ck / "retrain").glob("*.pt"))) == 1
-    assert logs.count("=== experiment") == 2  # each run run once, by one of the two launches
+    assert said.count("=== experiment") == 2  # each run run once, by one of the two processes
     assert [(r["experiment"], r["seed"]) for r in runs(out)] == [(1, 0), (2, 0)]
 
 
