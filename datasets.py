@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from constants import DATASETS, UserError, cache_dir, canonical_dataset_name, data_root
-from storage import read_plain, save_torch, write_text_atomic
+from storage import exclusive, read_plain, save_torch, write_text_atomic
 from views import TrainingView
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
@@ -204,19 +204,27 @@ def load_split(name: str, train: bool = True, *, root: str | Path | None = None,
     source, reader = found
     split_name = "train" if train else "test"
     cache_file = cache_dir() / f"{key}_{split_name}_{_source_fingerprint(source)}.pt"
-    if use_cache and cache_file.is_file():
-        cached = _read_cache(cache_file, key, train)
+    if not use_cache:
+        return _decode(key, train, reader)
+    cached = _read_cache(cache_file, key, train) if cache_file.is_file() else None
+    if cached is not None:
+        return cached
+    with exclusive(cache_file):  # jobs starting together: one decodes and writes, the rest read
+        cached = _read_cache(cache_file, key, train) if cache_file.is_file() else None
         if cached is not None:
             return cached
+        split = _decode(key, train, reader)
+        save_torch({"x": split.x, "y": split.y, "classes": split.classes,
+                    "crc32": _checksum(split.x, split.y)}, cache_file)
+    return split
+
+
+def _decode(key: str, train: bool, reader) -> Split:
     x, y, classes = reader()
     if not classes:
         info = DATASETS.get(key)
         classes = list(info.classes) if info and info.classes else [str(i) for i in range(int(y.max()) + 1)]
-    split = Split(torch.from_numpy(x), torch.from_numpy(y), key, train, list(classes))
-    if use_cache:
-        save_torch({"x": split.x, "y": split.y, "classes": split.classes,
-                    "crc32": _checksum(split.x, split.y)}, cache_file)
-    return split
+    return Split(torch.from_numpy(x), torch.from_numpy(y), key, train, list(classes))
 
 
 def _checksum(x: torch.Tensor, y: torch.Tensor) -> int:

@@ -10,6 +10,8 @@ command): SalUn UA 98.96 ± 0.26, TA 63.80 ± 1.26 (retrain 66.58 ± 0.37), Avg.
     python main.py -L exp/classforget.json --nexp 5     # every experiment x 5 seeds
     python main.py -M rl_split -UM -MT 0.5 -CF 3 -E 10 -LR 0.013 -c checkpoints/base.pt
     python main.py -L exp/table1_cifar10_random10.json --dry-run   # validate, show the plan
+    python main.py -L exp/table1_classwise.json --launcher local      # one job per run, per GPU
+    python main.py -L exp/table1_classwise.json --launcher slurm --slurm-partition gpu
 
 A JSON file is a list of experiments (dicts), or {"defaults": {...}, "experiments": [...]}.
 Each experiment names exactly one forget specifier: class_to_forget, unlearning_rate,
@@ -34,14 +36,20 @@ UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy (without th
 class in class-wise forgetting), MIA = SalUn's MIA-efficacy (SVC on confidence), MIA_RF =
 DeepDive's RandomForest loss MIA, gap = Avg. Gap to retrain over UA/RA/TA/MIA; time_s =
 wall-clock seconds of the unlearning (mask included; the retrain row shows its training).
+
+With --launcher local|slurm each run is a job (submitit: this machine's GPUs, or a Slurm job
+array), the shared models trained first and once (file locks); the merge writes the same
+runs.jsonl and tables; --status and --merge follow a launch (launcher.py, docs/launching.md).
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
+import launcher
 import unlearning
 from cli import add_runtime_args, run_main, setup_runtime
 from constants import UserError, results_dir
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--SSDdampening", type=float, default=None, help="ssd lambda")
     c.add_argument("--SSDselectwt", type=float, default=None, help="ssd alpha")
     add_runtime_args(p)
+    launcher.add_args(p)
     return p
 
 
@@ -110,6 +119,10 @@ def main(argv=None) -> int:
         return 0
     if args.nexp is not None and args.nexp <= 0:
         raise UserError("--nexp must be positive")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("main.py does not run under torchrun: its runs are independent jobs, "
+                        "use --launcher local (docs/launching.md); torchrun is for train.py's DDP")
+    launcher.check_args(args)
     flags = {k: getattr(args, k) for k in FLAG_KEYS if getattr(args, k) is not None}
     raw, stem, base_dir = raw_experiments(args.load, flags)
     exps = []
@@ -119,9 +132,17 @@ def main(argv=None) -> int:
             exp.nexp = args.nexp
         exps.append(exp)
     out_dir = Path(args.out) if args.out else results_dir() / "main" / stem
+    if args.status:
+        print("\n".join(launcher.status_lines(exps, out_dir)))
+        return 0
+    if args.merge:
+        launcher.merge_and_report(exps, out_dir, stem)
+        return 0
     print(f"{len(exps)} experiment(s), {sum(e.nexp for e in exps)} run(s) -> {out_dir}")
     for line in plan_lines(exps, Runner(torch.device("cpu"), out_dir, None)):
         print(line)
+    if args.launcher:
+        return launcher.launch(args, exps, out_dir, stem)
     if args.dry_run:
         print("dry run: everything validated, nothing run")
         return 0
@@ -129,8 +150,6 @@ def main(argv=None) -> int:
     runner = Runner(device, out_dir, args.amp)
     records, runs_file = run_list(exps, runner, source=stem, log=not args.no_log,
                                   wandb_project=args.wandb_project)
-    if not records:  # a torchrun rank other than 0: rank 0 writes the tables
-        return 0
     md = write_summary(records, out_dir)
     print(f"\n{stem}: {len(records)} run(s) on {device}; mean ± std over seeds (results: {runs_file})\n")
     print(md)

@@ -266,10 +266,14 @@ def train_from_scratch(model_name: str, data: PreparedData, cfg: engine.TrainCon
     return model.eval(), meta
 
 
-def retrain_from_scratch(s: Setup, logger=None) -> tuple[nn.Module, dict]:
+def retrain_from_scratch(s: Setup, logger=None, before_training=None) -> tuple[nn.Module, dict]:
     """A fresh model trained on `s.data.retain_idx` only (never on a forget index) with the
-    base recipe `s.base` and seed `s.seed`: from the cache when `s.cache_key` names one."""
+    base recipe `s.base` and seed `s.seed`: from the cache when `s.cache_key` names one.
+    `before_training(path)` runs just before it is trained (under the cache's lock: what it
+    says and writes, only the one process that trains it does)."""
     def fit_retrain(path, extra_meta=None):
+        if before_training is not None:
+            before_training(path)
         return train_from_scratch(
             s.model_name, s.data, s.base, device=s.device, seed=s.seed, ckpt_path=path,
             eval_batch_size=s.eval_batch_size, view=s.view, test_eval=False, logger=logger,

@@ -8,6 +8,11 @@ reference where it is defined, timings, the experiment's config and the git comm
 ± std over seeds). A run is recorded once: running the same list again skips the runs
 already recorded and does only the rest. A run whose loss or weights become non-finite is
 recorded as diverged (null metrics, `diverged` says where) and the list goes on.
+
+Several processes may work on one list at once (the jobs of a launch, launcher.py; a second
+command on the same list): a run is run under its lock (`run_lock`) by one of them, and a
+job writes its record to jobs/<hash>.json, which `merge_job_records` appends to runs.jsonl
+in the list's order; shared models are trained under their cache's lock (training.py).
 """
 from __future__ import annotations
 
@@ -21,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-import distributed
 import engine
 import metrics as MX
 import unlearning
@@ -32,7 +36,7 @@ from methods import recipe_from_meta, retrain_from_scratch, train_from_scratch
 from models import get_model
 from reporting import append_jsonl, read_jsonl, summarize, to_json, write_tables
 from saliency import load_mask, mask_fraction, save_mask, saliency_mask
-from storage import set_aside_torn_tail
+from storage import exclusive, set_aside_torn_tail
 from training import PreparedData, cache_path, cached_model, prepare_data, recipe_key
 
 METRICS = ["UA", "RA", "TA", "MIA", "MIA_RF", "gap", "Acc_corr", "Acc_retain", "ASR", "acc_Sm",
@@ -143,26 +147,57 @@ class Runner:
         key.update(exp.forget.cache_key(exp, seed))  # the retain set may keep manipulated samples
         return key
 
-    def reference(self, exp: Experiment, data, seed, recipe) -> tuple[dict, torch.nn.Module | None]:
-        """Metrics of the retrain reference for this forget set and seed (trained once, cached)."""
+    def reference_path(self, exp: Experiment, data, seed, recipe) -> Path:
+        return cache_path("retrain", self.retrain_key(exp, data, seed, recipe), model_name=exp.model,
+                          dataset=exp.dataset)
+
+    def reference_model(self, exp: Experiment, data, seed, recipe) -> tuple[torch.nn.Module, dict, float]:
+        """(model, meta, training seconds) of the retrain reference for this forget set and
+        seed: trained once, under its cache's lock, else loaded."""
         key = self.retrain_key(exp, data, seed, recipe)
-        path = cache_path("retrain", key, model_name=exp.model, dataset=exp.dataset)
-        memo = f"{path}|{json.dumps([exp.test_subset, exp.mia_cap, exp.mia_attacks, exp.rf_mia])}"
-        if memo in self.references:
-            return self.references[memo], None
-        if not path.is_file():
+
+        def announce(path: Path) -> None:
             print(f"training the retrain reference (seed {seed}) -> {path}")
             write_index_json(path.with_name(path.stem + "_forget.json"), data.forget_idx,
                              dataset=exp.dataset, split="train")
         s = self.setup(exp, data, seed, recipe, cache_key=key)
         s.params = {"k": -1}
         with MX.timer(self.device) as t:
-            model, meta = retrain_from_scratch(s)
-        seconds = meta.get("train_seconds_this_process") if meta.get("cached") else t.seconds
+            model, meta = retrain_from_scratch(s, before_training=announce)
+        return model, meta, meta.get("train_seconds_this_process") if meta.get("cached") else t.seconds
+
+    def reference(self, exp: Experiment, data, seed, recipe) -> tuple[dict, torch.nn.Module | None]:
+        """Metrics of the retrain reference for this forget set and seed (trained once, cached)."""
+        path = self.reference_path(exp, data, seed, recipe)
+        memo = f"{path}|{json.dumps([exp.test_subset, exp.mia_cap, exp.mia_attacks, exp.rf_mia])}"
+        if memo in self.references:
+            return self.references[memo], None
+        model, meta, seconds = self.reference_model(exp, data, seed, recipe)
         result = self.evaluate(model, exp, data, seed)
         result.update({"time_s": seconds, "cached": bool(meta.get("cached")), "checkpoint": str(path)})
         self.references[memo] = result
         return result, model
+
+    # --- the models runs share -------------------------------------------------------
+    def base_recipe(self, exp: Experiment, seed: int):
+        """The recipe of the run's base model (as `base_model` returns it), without training it."""
+        return self.base_model(exp, seed)[2] if exp.checkpoint else exp.base
+
+    def shared_models(self, exp: Experiment, seed: int) -> list[tuple[str, Path]]:
+        """(kind, cache path) of the cached models run (exp, seed) uses, which other runs may
+        use too: its base model (unless a checkpoint is given) and its retrain reference."""
+        out = [] if exp.checkpoint else [("base", self.base_path(exp, seed))]
+        if exp.avg_gap or exp.is_reference:  # as in run()
+            data = self.data(exp, seed)
+            out.append(("reference", self.reference_path(exp, data, seed, self.base_recipe(exp, seed))))
+        return out
+
+    def build_shared(self, kind: str, exp: Experiment, seed: int) -> None:
+        """Train (or find cached) one of `shared_models(exp, seed)`."""
+        if kind == "base":
+            self.base_model(exp, seed)
+        else:
+            self.reference_model(exp, self.data(exp, seed), seed, self.base_recipe(exp, seed))
 
     # --- evaluation ----------------------------------------------------------------
     def evaluate(self, model, exp: Experiment, data: PreparedData, seed: int) -> dict:
@@ -248,11 +283,12 @@ class Runner:
         engine.save_checkpoint(path, model, meta)
         record["model_path"] = str(path)
         base_path = self.out_dir / "models" / "base" / f"seed{self.base_seed(exp, seed)}.pt"
-        if not base_path.exists():
-            engine.save_checkpoint(base_path, base, {
-                "model": exp.model, "num_classes": data.num_classes, "dataset": exp.dataset,
-                "data": dataclasses.asdict(exp.forget.data_spec(exp, with_forget=False)),
-                "method": "base", "class_to_forget": None, "role": "base"})
+        with exclusive(base_path):  # runs of a launch share it: the first writes it
+            if not base_path.exists():
+                engine.save_checkpoint(base_path, base, {
+                    "model": exp.model, "num_classes": data.num_classes, "dataset": exp.dataset,
+                    "data": dataclasses.asdict(exp.forget.data_spec(exp, with_forget=False)),
+                    "method": "base", "class_to_forget": None, "role": "base"})
 
 
 def plan_lines(exps: list[Experiment], runner: Runner) -> list[str]:
@@ -270,26 +306,6 @@ def plan_lines(exps: list[Experiment], runner: Runner) -> list[str]:
     return lines
 
 
-def prepare_shared_models(runner: Runner, jobs: list[tuple[int, Experiment, int]]) -> None:
-    """Under torchrun, before any run: every base model and retrain reference the runs need
-    is trained (and cached) by exactly one rank, the others wait; the runs then only read
-    these caches, so no two ranks train or write the same file."""
-    bases = [(exp, seed) for _, exp, seed in jobs if not exp.checkpoint]
-    for n in distributed.share_out([str(runner.base_path(*a)) for a in bases]):
-        runner.base_model(*bases[n])
-    distributed.wait_all()
-    refs, keys = [], []
-    for _, exp, seed in jobs:
-        if exp.avg_gap or exp.is_reference:  # as in Runner.run
-            recipe = runner.base_model(exp, seed)[2]
-            data = runner.data(exp, seed)
-            refs.append((exp, data, seed, recipe))
-            keys.append(json.dumps(runner.retrain_key(exp, data, seed, recipe), sort_keys=True))
-    for n in distributed.share_out(keys):
-        runner.reference(*refs[n])
-    distributed.wait_all()
-
-
 def run_id(config: dict, seed: int) -> str:
     """What names a run in runs.jsonl: its experiment's validated config (`Experiment.record()`
     without `nexp`, which says how many runs there are, not what one is) and its seed. An
@@ -298,76 +314,111 @@ def run_id(config: dict, seed: int) -> str:
                    sort_keys=True)
 
 
-def recorded_runs(runs_file: Path) -> dict[str, dict]:
-    """The runs runs.jsonl holds, by run_id (a torn last line, left by a crash mid-write, is
-    set aside first)."""
-    if distributed.global_rank() == 0:
-        set_aside_torn_tail(runs_file)
+def list_runs(exps: list[Experiment]) -> list[tuple[int, Experiment, int, str]]:
+    """(experiment number, experiment, seed, run id) of every run of the list, in its order."""
+    return [(i, exp, seed, run_id(exp.record(), seed)) for i, exp in enumerate(exps, 1) for seed in exp.seeds]
+
+
+def job_record(out_dir: Path, rid: str) -> Path:
+    """Where the job that runs `rid` writes its record (jobs/<hash of the run id>.json); the
+    same name without `.json` is the run's lock, held by whoever runs it."""
+    return out_dir / "jobs" / f"{hashlib.sha1(rid.encode()).hexdigest()[:16]}.json"
+
+
+def run_lock(out_dir: Path, rid: str):
+    """Held while the run is checked and run: by one process at a time (a job of a launch,
+    a second launch of the same list, main.py without a launcher)."""
+    return exclusive(job_record(out_dir, rid).with_suffix(""))
+
+
+def runs_lock(out_dir: Path):
+    """Held while runs.jsonl and the summary tables are written."""
+    return exclusive(out_dir / "runs")
+
+
+def runs_in(runs_file: Path) -> dict[str, dict]:
+    """The runs runs.jsonl holds, by run_id (a torn last line left out)."""
     return {run_id(r["config"], r["seed"]): r for r in read_jsonl(runs_file)
             if isinstance(r, dict) and isinstance(r.get("config"), dict) and "seed" in r}
 
 
+def recorded_runs(runs_file: Path) -> dict[str, dict]:
+    """runs_in(runs_file), after setting aside a torn last line (left by a crash mid-write)."""
+    set_aside_torn_tail(runs_file)
+    return runs_in(runs_file)
+
+
+def merge_job_records(runs: list[tuple[int, Experiment, int, str]], out_dir: Path) -> dict[str, dict]:
+    """The recorded runs by run id: runs.jsonl's, after appending to it, in the list's order,
+    the records of the list's runs that jobs wrote (jobs/*.json) and it lacks; so runs.jsonl
+    holds the lines one process running the list would have written."""
+    runs_file = out_dir / "runs.jsonl"
+    with runs_lock(out_dir):
+        recorded = recorded_runs(runs_file)
+        for *_, rid in runs:
+            path = job_record(out_dir, rid)
+            if rid not in recorded and path.is_file():
+                recorded[rid] = json.loads(path.read_text())
+                append_jsonl(runs_file, recorded[rid])
+    return recorded
+
+
+def unrecorded(runs: list[tuple[int, Experiment, int, str]], recorded) -> list[tuple[int, Experiment, int, str]]:
+    """The runs not in `recorded`; a run listed twice once (where it is first listed)."""
+    out, seen = [], set(recorded)
+    for run in runs:
+        if run[3] not in seen:
+            seen.add(run[3])
+            out.append(run)
+    return out
+
+
+def list_records(runs: list[tuple[int, Experiment, int, str]], recorded: dict[str, dict]) -> list[dict]:
+    """The list's recorded runs in its order, numbered and named as in the list (for the summary)."""
+    return [{**recorded[rid], "experiment": i, "name": exp.tag} for i, exp, _, rid in runs if rid in recorded]
+
+
 def run_list(exps: list[Experiment], runner: Runner, *, source: str, log: bool,
              wandb_project: str) -> tuple[list[dict], Path]:
-    """Every (experiment, seed) run not yet recorded in runs.jsonl, each record appended as it
-    ends; returns the records of the whole list (recorded earlier or now), for the summary."""
+    """Every (experiment, seed) run not yet recorded (in runs.jsonl, or by a job of a launch),
+    each record appended to runs.jsonl as it ends; returns the records of the whole list
+    (recorded earlier or now), for the summary."""
     runs_file = runner.out_dir / "runs.jsonl"
-    recorded = recorded_runs(runs_file)
-    jobs = [(i, exp, seed) for i, exp in enumerate(exps, 1) for seed in exp.seeds]
-    ids = [run_id(exp.record(), seed) for _, exp, seed in jobs]
-    seen, pending = set(recorded), []
-    for job, key in zip(jobs, ids):
-        if key not in seen:  # a run listed twice is run once
-            seen.add(key)
-            pending.append(job)
-    if len(pending) < len(jobs):
-        print(f"{len(jobs) - len(pending)} of {len(jobs)} run(s) already recorded in {runs_file}: "
-              "skipped")
-    new = run_jobs(pending, len(exps), runner, runs_file, source=source, log=log,
-                   wandb_project=wandb_project)
-    if distributed.global_rank() != 0:  # rank 0 writes the tables
-        return [], runs_file
-    recorded.update((run_id(r["config"], r["seed"]), r) for r in new)
-    return ([{**recorded[key], "experiment": i, "name": exp.tag} for (i, exp, _), key in zip(jobs, ids)],
-            runs_file)
+    runs = list_runs(exps)
+    recorded = merge_job_records(runs, runner.out_dir)
+    pending = unrecorded(runs, recorded)
+    if len(pending) < len(runs):
+        print(f"{len(runs) - len(pending)} of {len(runs)} run(s) already recorded in {runs_file}: skipped")
+    started = time.strftime("%Y%m%d_%H%M%S")
+    for i, exp, seed, rid in pending:
+        with run_lock(runner.out_dir, rid):
+            done = merge_job_records(runs, runner.out_dir)
+            if rid in done:  # another process ran it meanwhile
+                recorded[rid] = done[rid]
+                continue
+            record = run_one(runner, exp, i, len(exps), seed, started=started, source=source, log=log,
+                             wandb_project=wandb_project)
+            with runs_lock(runner.out_dir):
+                append_jsonl(runs_file, record)
+        recorded[rid] = record
+    return list_records(runs, recorded), runs_file
 
 
-def run_jobs(jobs: list[tuple[int, Experiment, int]], n_exps: int, runner: Runner, runs_file: Path,
-             *, source: str, log: bool, wandb_project: str) -> list[dict]:
-    """Run `jobs`, appending each record to runs_file as it ends. Under torchrun the runs are
-    dealt out round-robin (each rank trains alone, no DDP) and rank 0 merges every rank's
-    records in the single-process order."""
-    started = distributed.gather_all(time.strftime("%Y%m%d_%H%M%S"))[0]
-    split = distributed.global_world_size() > 1
-    out_file = runs_file
-    if split:  # this rank's records as it goes; rank 0 merges them into runs.jsonl at the end
-        out_file = runner.out_dir / f"runs.{started}.rank{distributed.global_rank()}.jsonl"
-    records = []
-    with distributed.independent():
-        if split:
-            prepare_shared_models(runner, jobs)
-        for j in distributed.share_out(range(len(jobs))):
-            i, exp, seed = jobs[j]
-            print(f"\n=== experiment {i}/{n_exps} '{exp.tag}', seed {seed} ===")
-            logger = RunLogger(log, wandb_project,
-                               f"{exp.method_name}_run_{'M_' if exp.use_mask else ''}{started}_{seed - exp.seed}",
-                               {**exp.record(), "tag": exp.tag, "runid": started,
-                                "runidx": seed - exp.seed, "source": source})
-            record = runner.run_or_diverge(exp, i, seed)
-            record["started"] = started
-            append_jsonl(out_file, record)
-            logger.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
-            logger.finish()
-            records.append((j, record))
-            metrics = ", ".join(f"{k}={record[k]:.2f}" for k in METRICS if isinstance(record.get(k), float))
-            print("  " + (f"diverged: {record['diverged']}" if record["diverged"] else metrics))
-    records = distributed.merge_in_order(records)
-    if split and distributed.global_rank() == 0:
-        for record in records:
-            append_jsonl(runs_file, record)
-        for part in runner.out_dir.glob(f"runs.{started}.rank*.jsonl"):
-            part.unlink()
-    return records
+def run_one(runner: Runner, exp: Experiment, index: int, n_exps: int, seed: int, *, started: str,
+            source: str, log: bool, wandb_project: str) -> dict:
+    """One run's record (wandb-logged when `log`), `started` naming the command that ran it."""
+    print(f"\n=== experiment {index}/{n_exps} '{exp.tag}', seed {seed} ===", flush=True)
+    logger = RunLogger(log, wandb_project,
+                       f"{exp.method_name}_run_{'M_' if exp.use_mask else ''}{started}_{seed - exp.seed}",
+                       {**exp.record(), "tag": exp.tag, "runid": started, "runidx": seed - exp.seed,
+                        "source": source})
+    record = runner.run_or_diverge(exp, index, seed)
+    record["started"] = started
+    logger.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+    logger.finish()
+    metrics = ", ".join(f"{k}={record[k]:.2f}" for k in METRICS if isinstance(record.get(k), float))
+    print("  " + (f"diverged: {record['diverged']}" if record["diverged"] else metrics), flush=True)
+    return record
 
 
 GROUP = ["experiment", "name", "forget"]
@@ -392,4 +443,5 @@ def summary_rows(records: list[dict]) -> list[dict]:
 
 
 def write_summary(records: list[dict], out_dir: Path) -> str:
-    return write_tables(summary_rows(records), out_dir / "summary")
+    with runs_lock(out_dir):
+        return write_tables(summary_rows(records), out_dir / "summary")

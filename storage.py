@@ -10,11 +10,14 @@ appender of JSON lines, and the one reader of tensor files.
       reported, so it is never glued to the new line; a failed append is cut off again.
   read_plain: torch.load with weights_only=True (a stranger's file must not run code),
       one clear line when the file is missing or damaged.
+  exclusive: a lock on `<file>.lock` that one process at a time holds, across processes and
+      machines that share the folder, for "check, make, write" of a file several may want.
 
 A full disk (ENOSPC, EDQUOT) becomes a UserError naming the file and the space it needed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -23,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from constants import UserError
 
@@ -143,3 +147,16 @@ def read_plain(path: str | Path, what: str):
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
         raise UserError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]} "
                         "(damaged, or not a file of tensors and plain metadata)") from None
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path):
+    """Hold the lock of `path` (`<path>.lock`, flock: the kernel releases it when its holder
+    dies, even by SIGKILL, so no lock is left stale). Check whether `path` exists inside it:
+    another holder may have made it while this one waited. The lock file stays (removing it
+    would let a waiter and a newcomer hold two different locks). Locks on one path do not
+    nest within a process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        yield

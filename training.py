@@ -18,6 +18,7 @@ from constants import UserError, canonical_dataset_name, checkpoint_dir
 from datasets import (Augment, BatchLoader, Split, balanced_subset, dataset_info, forget_indices,
                       load_split, stratified_split)
 from models import canonical_model_name, expects_normalized, get_model
+from storage import exclusive
 from views import TrainingView
 
 
@@ -200,13 +201,19 @@ def cached_model(role: str, key: dict, *, model_name: str, dataset: str, device,
     its path (`cache_path`), the lookup, the training when it is missing and the reuse.
     `train(path, extra_meta)` trains and writes `path` (engine.save_checkpoint) with
     `extra_meta` in its meta: the key, which every later lookup checks (`_load_cached`).
-    Returns (model in eval mode, meta with `cached`, path)."""
+    Returns (model in eval mode, meta with `cached`, path).
+
+    Several processes (jobs of a sweep, two launches of one list) may want the same model at
+    once: the training runs under the file lock of `path`, after a second look, so it is
+    trained by one of them and written by that one alone; the others wait and load it."""
     path = cache_path(role, key, model_name=model_name, dataset=dataset)
-    if path.is_file():
-        model, meta = _load_cached(path, key, model_name, device)
-        return model, {**meta, "cached": True}, path
-    model, meta = train(path, {"cache_key": _plain(key)})
-    return model.eval(), {**meta, "cached": False}, path
+    if not path.is_file():
+        with exclusive(path):
+            if not path.is_file():
+                model, meta = train(path, {"cache_key": _plain(key)})
+                return model.eval(), {**meta, "cached": False}, path
+    model, meta = _load_cached(path, key, model_name, device)
+    return model, {**meta, "cached": True}, path
 
 
 def _plain(key: dict) -> dict:

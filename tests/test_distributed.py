@@ -1,11 +1,6 @@
 """torch.distributed on CPU (gloo, 2 processes): DDP through the one loop, each rank on its
-shard of the data; and main.py's experiment list split across ranks under torchrun."""
-import csv
-import json
+shard of the data. (A list of main.py runs goes to jobs instead: tests/test_launcher.py.)"""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,65 +39,3 @@ def test_ddp_ranks_end_identical_on_disjoint_shards(tmp_path):
         assert torch.equal(r0["state"][key], r1["state"][key]), key
     fresh = get_model("smallcnn", 4).state_dict()
     assert not torch.equal(r0["state"]["linear.weight"], fresh["linear.weight"])
-
-
-REPO = Path(__file__).resolve().parents[1]
-# what a run computes; times, devices, cache flags and checkpoint paths may differ
-SAME = ("experiment", "name", "method", "seed", "forget", "n_forget", "n_retain", "forget_digest",
-        "UA", "RA", "TA", "VA", "VA_forget", "MIA", "MIA_RF", "MIA_RF_auc", "gap", "ref")
-
-
-def test_torchrun_splits_main_experiment_list(tiny_env, monkeypatch):
-    """`torchrun --nproc_per_node 2 main.py -L x.json`: the runs are shared out, every model
-    is trained once, and rank 0 writes the same table as one process."""
-    common = {"model": "smallcnn", "batch_size": 64, "epochs": 1, "lr": 0.05, "mia_cap": 50,
-              "eval_batch_size": 256, "base": {"epochs": 1, "lr": 0.05, "batch_size": 64,
-                                               "schedule": "constant"}}
-    exp = {"defaults": common, "experiments": [
-        {"method": "retrain", "unlearning_rate": 0.1, "nexp": 2},
-        {"method": "ft", "unlearning_rate": 0.1, "nexp": 2},
-        {"method": "ga", "class_to_forget": 1, "lr": 0.001},
-    ]}
-    path = tiny_env / "x.json"
-    path.write_text(json.dumps(exp))
-    argv = ["-L", str(path), "-NL", "--device", "cpu", "--threads", "1"]
-
-    import main
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("CHECKPOINT_DIR", str(tiny_env / "ck_single"))
-    try:
-        assert main.main(argv + ["--out", str(tiny_env / "single")]) == 0
-    finally:
-        torch.set_num_threads(threads)
-
-    env = {**os.environ, "CHECKPOINT_DIR": str(tiny_env / "ck_split"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--log-dir", str(tiny_env / "logs"), "--tee", "3", "--log-line-prefix-template", "[${rank}] ",
-         str(REPO / "main.py"), *argv, "--out", str(tiny_env / "split")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-    def runs(folder):
-        return [json.loads(line) for line in (tiny_env / folder / "runs.jsonl").read_text().splitlines()]
-
-    single, split = runs("single"), runs("split")
-    assert len(single) == len(split) == 5
-    for a, b in zip(single, split):
-        assert {k: a.get(k) for k in SAME} == {k: b.get(k) for k in SAME}
-    assert {r["device"] for r in split} == {"cpu"}
-    assert not list((tiny_env / "split").glob("runs.*.rank*.jsonl"))  # merged, then removed
-
-    def table(folder):
-        with open(tiny_env / folder / "summary.csv") as f:
-            return [{k: v for k, v in row.items() if k != "time (s)"} for row in csv.DictReader(f)]
-
-    assert table("single") == table("split") and len(table("split")) == 3
-    # each model trained once: 1 base, 3 retrain references (2 random forget sets, class 1)
-    for ck in ("ck_single", "ck_split"):
-        assert len(list((tiny_env / ck / "base").glob("*.pt"))) == 1
-        assert len(list((tiny_env / ck / "retrain").glob("*.pt"))) == 3
-    for rank, jobs in ((0, 3), (1, 2)):  # the 5 runs dealt round-robin, each run once
-        assert proc.stdout.count(f"[{rank}] === experiment") == jobs, proc.stdout[-3000:]
-    assert proc.stdout.count("training the base model") == 1
-    assert proc.stdout.count("training the retrain reference") == 3
