@@ -251,13 +251,15 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
                reg: float = 1e-3, perturb_frac: float = 0.01, delta_lr: float = 10.0,
                delta_optimizer: str = "sgd", radius: float | None = None,
                projection: str = "end", clamp=None,
-               generator: torch.Generator | None = None, min_perturbed: int = 0) -> dict:
+               generator: torch.Generator | None = None, min_perturbed: int = 0,
+               schedule=None) -> dict:
     """One I-BAU round: fit δ, then one outer step per batch (zero_grad → hypergradient →
     step). Leaves the model in eval() mode. Returns {"delta", "outer_losses"}.
 
     generator: CPU torch.Generator choosing the perturbed images of each outer batch.
     min_perturbed: at least this many images per batch get δ (0 = the release, where a
-    batch under 100 images gets none and its step is plain fine-tuning)."""
+    batch under 100 images gets none and its step is plain fine-tuning).
+    schedule: a learning-rate scheduler of outer_opt, stepped after every outer step."""
     if K < 1:
         raise UserError(f"I-BAU needs K >= 1 fixed-point iterations, got {K}")
     model.eval()
@@ -283,4 +285,6 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
             outer_opt.zero_grad()
             fixed_point_hypergradient([delta], hparams, K, fp_map, recorded)
             outer_opt.step()
+            if schedule is not None:
+                schedule.step()
     return {"delta": delta, "outer_losses": losses}

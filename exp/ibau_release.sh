@@ -2,6 +2,7 @@
 # I-BAU on the I-BAU authors' own backdoored models (DATA_ROOT/ibau_release) and on this
 # repository's SmallCNN: the commands behind docs/ibau.md's tables (issue 13). 2-core CPU.
 # Usage: bash exp/ibau_release.sh [ablation|defaults|own|small|all]   (from the repo root)
+# Env: SEEDS (default "0 1 2"), ABL_ROUNDS (3), ROWS (ablation rows, default all five)
 # Tables: python exp/summarize_ibau.py results/ibau_release/<step> --rounds 1 3 5
 set -euo pipefail
 export DATA_ROOT=${DATA_ROOT:-/work/shared/data}
@@ -21,18 +22,24 @@ defend() {  # defend OUT TAG FLAGS...: one defense.py run, results in $RES/OUT/T
 }
 
 if [[ $step == ablation || $step == all ]]; then
-  # the earlier defaults, then each departure switched back to the release's choice, $ABL_ROUNDS
-  # rounds (README: 3 rounds on seed 0, 1 round on seeds 1 and 2 (ABL_ROUNDS=1));
-  # the new defaults' rows come from the `defaults` step. (--min-perturbed 0 is the same run
-  # bit for bit at batch 100: int(0.01·100) = 1; tests/test_ibau.py checks it.)
-  P1="--perturb-frac 0.01"
+  # each of this repository's departures switched back to the release's choice alone, then all
+  # together (the release's defense.py), $ABL_ROUNDS rounds; the defaults' own rows come from
+  # the `defaults` step (rounds 1 and 3 of the same run). --min-perturbed 0 alone is the same
+  # run bit for bit at batch 100 (int(0.01·100) = 1; tests/test_ibau.py checks it). `step`
+  # is this repository's earlier projection, the one the issue found failing.
+  M="--poi_path $REL/badnets_8_02_ckpt.pth --n_rounds $ABL_ROUNDS"
   for s in $SEEDS; do
-    defend ablation "step-projection_seed$s" --poi_path "$REL/badnets_8_02_ckpt.pth" --n_rounds "$ABL_ROUNDS" \
-      --seed "$s" --projection step $P1                   # this repository before: projected every step
-    defend ablation "end-scaling_seed$s" --poi_path "$REL/badnets_8_02_ckpt.pth" --n_rounds "$ABL_ROUNDS" \
-      --seed "$s" $P1                                     # the CIFAR notebook: δ scaled once, at the end
-    defend ablation "release-cli_seed$s" --poi_path "$REL/badnets_8_02_ckpt.pth" --n_rounds "$ABL_ROUNDS" \
-      --seed "$s" --radius 0 --min-perturbed 0 $P1        # the release's defense.py: δ unbounded
+    for row in ${ROWS:-one-percent constant-lr unbounded release-cli step-projection}; do
+      case $row in
+        one-percent) f="--perturb-frac 0.01" ;;       # 1 % of every outer batch gets δ
+        constant-lr) f="--lr-half-life 0" ;;              # no decay over the rounds
+        unbounded) f="--radius 0" ;;                  # δ never projected
+        release-cli) f="--radius 0 --min-perturbed 0 --perturb-frac 0.01 --lr-half-life 0" ;;
+        step-projection) f="--projection step" ;;     # projected after every step
+        *) echo "unknown ablation row $row" >&2; exit 2 ;;
+      esac
+      defend ablation "${row}_seed$s" $M --seed "$s" $f
+    done
   done
 fi
 if [[ $step == defaults || $step == all ]]; then

@@ -226,6 +226,7 @@ def test_release_checkpoint_end_to_end(env):
     res = json.loads((out / "r.json").read_text())
     assert res["model"] == "small_vgg" and res["attack"]["target"] == 8
     assert len(res["rounds"]) == 2
+    assert res["summary"]["projection"] == "end"  # --projection auto on a raw-pixel model
 
 
 # --- defense.py end to end on a tiny backdoored model ------------------------------------
@@ -255,6 +256,8 @@ def test_defense_end_to_end(env, method):
     sd, meta = engine.load_checkpoint(save)
     assert meta["attack"]["target"] == 1 and meta["defense"]["config"]["method"] == method
     assert meta["model"] == "smallcnn" and meta["num_classes"] == 4
+    if method == "ibau":  # --projection auto on a normalising model
+        assert res["summary"]["projection"] == "step"
     if method == "fineprune":  # pruned channels stay pruned through fine-tuning
         pruned = res["summary"]["prune"]["pruned"]
         assert (sd["linear.weight"].abs().sum(0) == 0).sum() == pruned
@@ -299,6 +302,8 @@ def test_small_batches_still_perturb():
     (["--n_clean", "many"], "invalid int value"),
     ([], "does not exist"),
     (["--optim", "rmsprop"], "unknown --optim"),
+    (["--lr-half-life", "-1"], "--lr-half-life must be >= 0"),
+    (["--projection", "sometimes"], "unknown --projection"),
 ])
 def test_bad_flags_one_line(env, capsys, argv, needle):
     base = ["--poi_path", str(env / "missing.pt")]

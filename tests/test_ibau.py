@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
 import ibau
+import backdoor_defense as bd
 
 
 def toy(seed=0, n=10, scale=0.5):
@@ -148,7 +149,12 @@ def test_round_keeps_eval_mode_and_bn_stats():
         assert torch.equal(v, buffers[k]), k
     assert any(not torch.equal(p, weights[k]) for k, p in model.named_parameters())
     assert out["delta"].shape == (1, 3, 6, 6) and len(out["outer_losses"]) == 2
-
+    # --lr-half-life: the schedule is stepped once per outer step (2 batches, half-life 2)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5)
+    ibau.ibau_round(model, batches, opt, K=1, schedule=schedule)
+    assert opt.param_groups[0]["lr"] == 5e-4
+    ibau.ibau_round(model, batches, opt, K=1, schedule=schedule)
+    assert opt.param_groups[0]["lr"] == 2.5e-4
 
 
 def test_fast_double_backward_same_hypergradient():
@@ -218,3 +224,14 @@ def test_summarize_ibau_averages_seeds_per_round(tmp_path):
     assert "ACC 1" in row and "rel. ASR 1" not in row and "ACC 3" not in row  # round 3 absent
     assert "71.00 ± 1.41" in md and "2.00 ± 1.41" in md and "77.50 ± 0.71" in md
     assert "1.0 / 3.0" in md
+
+
+def test_auto_projection_follows_the_models_input():
+    """auto: the release's raw-pixel small VGG scales δ once (its notebooks); normalising
+    models project every step; an explicit choice is kept."""
+    assert bd.resolve_projection("auto", "small_vgg") == "end"
+    assert bd.resolve_projection("auto", "smallcnn") == "step"
+    assert bd.resolve_projection("auto", "resnet18") == "step"
+    assert bd.resolve_projection("end", "smallcnn") == "end"
+    assert bd.resolve_projection("step", "small_vgg") == "step"
+    assert bd.IBAUConfig().projection == "auto"
