@@ -316,6 +316,13 @@ class MaxMinStream:
         self.forget.set_epoch(epoch)
         self.retain.set_epoch(epoch)
 
+    # the steps taken decide whether an epoch ascends first: a resumed run needs them back
+    def state_dict(self) -> dict:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken = int(state["taken"])
+
     def __iter__(self):
         phases = ([("max", self.forget)] if self.taken < self.max_steps else []) + [("min", self.retain)]
         for tag, stream in phases:
@@ -347,7 +354,8 @@ def scrub(model: nn.Module, s: Setup) -> nn.Module:
         loss = F.cross_entropy(logits, batch.y) + alpha * kl * temp * temp
         return (-loss if tag == "max" else loss), logits, batch.y
 
-    train(model, s, MaxMinStream(forget_loader(s), retain_loader(s), msteps), loss_fn, desc="scrub")
+    stream = MaxMinStream(forget_loader(s), retain_loader(s), msteps)
+    train(model, s, stream, loss_fn, state=(stream,), desc="scrub")
     return model
 
 

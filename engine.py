@@ -146,8 +146,8 @@ def resolve_amp(cfg_amp: bool | None, device: torch.device) -> bool:
 def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None = None,
         params=None, after_backward: Callable | None = None, after_step: Callable | None = None,
         evaluate: Callable[[nn.Module, int], dict] | None = None,
-        resume_path: str | Path | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
-        desc: str = "train") -> list[dict]:
+        resume_path: str | Path | None = None, extra_state=None,
+        on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "train") -> list[dict]:
     """Train `model` in place. Returns the per-epoch history.
 
     `loss_fn(model, item) -> (loss, logits, labels)`; default: cross-entropy with the config's
@@ -155,6 +155,9 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
     each optimizer step (projections, restoring frozen weights). With `resume_path`, the
     full training state is saved there after every epoch and picked up on the next call;
     the loader replays epochs by seed, so a resumed run ends bit-identical on CPU.
+    `extra_state` (anything with `state_dict()` / `load_state_dict()`) is what else the run
+    depends on that the model and optimizer do not hold (a random-label generator, a step
+    counter, parameters outside the model): saved and restored with the resume state.
     A NaN or infinite loss or weight raises `Diverged`, checked where the loop waits for
     the device anyway (every `log_every` steps, and at the end of each epoch before the
     weights are evaluated or saved): no extra sync per step.
@@ -182,7 +185,7 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
         optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))
     history, start_epoch, step = [], 0, 0
     if resume_path is not None and Path(resume_path).is_file():
-        state = load_resume_state(resume_path, model, optimizer, scheduler)
+        state = load_resume_state(resume_path, model, optimizer, scheduler, extra_state)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -240,7 +243,7 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
                    ", ".join(f"{k}={v:.4g}" for k, v in record.items()
                              if isinstance(v, float) and k != "lr"))
         if resume_path is not None and distributed.is_main():
-            save_resume_state(resume_path, model, optimizer, scheduler, epoch + 1, step, history)
+            save_resume_state(resume_path, model, optimizer, scheduler, epoch + 1, step, history, extra_state)
         distributed.barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
@@ -386,18 +389,21 @@ def load_weights(model: nn.Module, state_dict: dict, path: str | Path = "checkpo
     model.load_state_dict(state_dict)
 
 
-def save_resume_state(path, model, optimizer, scheduler, epoch, step, history) -> None:
+def save_resume_state(path, model, optimizer, scheduler, epoch, step, history, extra=None) -> None:
     save_torch({"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                 "history": history, "rng": torch.get_rng_state()}, Path(path))
+                 "history": history, "rng": torch.get_rng_state(),
+                 "extra": None if extra is None else extra.state_dict()}, Path(path))
 
 
-def load_resume_state(path, model, optimizer, scheduler) -> dict:
+def load_resume_state(path, model, optimizer, scheduler, extra=None) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if extra is not None:
+            extra.load_state_dict(state["extra"])
     except Exception as e:
         raise UserError(f"cannot resume from {path} ({str(e).splitlines()[0][:160]}); "
                         "delete it to start over") from None

@@ -16,8 +16,8 @@ is missing.
          returns once the jobs are submitted.
 
 A job preempted or past --timeout-min is checkpointed and requeued by submitit (the jobs
-are Checkpointable); it starts its run again and the training in it resumes from its
-resume file (engine.fit).
+are Checkpointable); its run goes on from its last epoch (the run's resume file,
+jobs/<hash>.resume.pt, runner.run_state), as does the run of a job killed and relaunched.
 
 Shared models first: a base model or retrain reference that two or more of the runs to
 launch use and that is not cached yet gets a job of its own, before them (local: the runs
@@ -32,10 +32,12 @@ and machines sharing CHECKPOINT_DIR.
 
 Files, beside runs.jsonl (RESULTS_DIR/main/<stem>, on a disk the jobs share):
   jobs/<hash>.json       one run's record, as its job wrote it
+  jobs/<hash>.resume.pt  the run's training state while it runs (.mask.pt: its saliency mask)
   jobs/submitted.jsonl   one line per job submitted: what it runs, its id, its launcher
   jobs/logs/             submitit's pickles and each job's stdout / stderr
-`merge` appends the job records runs.jsonl lacks, in the list's order, and writes the
-summary tables: the lines and rows one process running the list writes (runner.py).
+`merge` adds the job records runs.jsonl lacks, with the list's runs in the list's order,
+and writes the summary tables: the lines and rows one process running the list writes
+(runner.merge_records), whatever order the jobs ended in.
 `status_lines` says per run (and shared model) done / running / failed, with a failed
 job's last error line.
 """
@@ -58,8 +60,8 @@ from cli import resolve_device
 from constants import REPO_ROOT, UserError, cache_dir, checkpoint_dir, data_root, results_dir
 from experiments import Experiment
 from reporting import append_jsonl, read_jsonl, write_json
-from runner import (Runner, job_record, list_records, list_runs, merge_job_records, run_id, run_lock, run_one,
-                    runs_in, unrecorded, write_summary)
+from runner import (Runner, drop_run_state, job_record, list_records, list_runs, merge_records, run_id, run_lock,
+                    run_one, runs_in, unrecorded, write_summary)
 from storage import exclusive
 
 LAUNCHERS = ("local", "slurm")
@@ -165,7 +167,8 @@ class Job(Checkpointable):
 
 
 class RunJob(Job):
-    """One (experiment, seed) run, its record written to jobs/<hash>.json."""
+    """One (experiment, seed) run, its record written to jobs/<hash>.json; run again (requeued,
+    relaunched) it goes on from its last epoch (runner.run_state)."""
 
     def __init__(self, ctx: Context, index: int, seed: int):
         super().__init__(ctx)
@@ -182,11 +185,13 @@ class RunJob(Job):
         with run_lock(out, self.rid):
             if job_record(out, self.rid).is_file() or self.rid in runs_in(out / "runs.jsonl"):
                 print("recorded already (by another job or command): nothing to do")
+                drop_run_state(out, self.rid)  # left by a job stopped between its record and this
                 return "recorded already"
             record = run_one(runner, exp, self.index, len(self.ctx.exps), self.seed,
                              started=self.ctx.started, source=self.ctx.source, log=self.ctx.log,
                              wandb_project=self.ctx.wandb_project)
             write_json(job_record(out, self.rid), record)
+            drop_run_state(out, self.rid)
         return "done"
 
 
@@ -381,7 +386,7 @@ def merge_and_report(exps: list[Experiment], out_dir: Path, stem: str) -> int:
     """Merge the job records into runs.jsonl, write and print the summary; the number of
     the list's runs not recorded."""
     runs = list_runs(exps)
-    recorded = merge_job_records(runs, out_dir)
+    recorded = merge_records(runs, out_dir)
     records = list_records(runs, recorded)
     missing = len(unrecorded(runs, recorded))
     if not records:

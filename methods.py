@@ -37,7 +37,7 @@ from constants import UserError
 from datasets import Batch, Split
 from models import last_k_blocks
 from training import PreparedData, cached_model, make_loader, test_indices_without_class, train_classifier
-from unlearning import (EpochTracker, Paired, RandomLabels, Setup, cross_entropy, eval_loader,
+from unlearning import (EpochTracker, Paired, RandomLabels, Setup, StepCount, cross_entropy, eval_loader,
                         forget_loader, forget_membership, frozen_copy, register, retain_loader,
                         train, union_loader)
 from views import TrainingView
@@ -54,7 +54,7 @@ def rl(model: nn.Module, s: Setup) -> nn.Module:
         logits = m(batch.x)
         return F.cross_entropy(logits, y), logits, y
 
-    train(model, s, union_loader(s), loss_fn, desc="rl")
+    train(model, s, union_loader(s), loss_fn, state=(relabel,), desc="rl")
     return model
 
 
@@ -75,7 +75,7 @@ def _rl_split(model: nn.Module, s: Setup, desc: str) -> nn.Module:
         return F.cross_entropy(logits, y), logits, y
 
     stream = engine.Chain(forget=forget_loader(s), retain=retain_loader(s))
-    train(model, s, stream, loss_fn, desc=desc)
+    train(model, s, stream, loss_fn, state=(relabel,), desc=desc)
     return model
 
 
@@ -105,12 +105,12 @@ def salun_soft(model: nn.Module, s: Setup) -> nn.Module:
     relabel = RandomLabels(s.num_classes, s.seed, s.device)
     stream = union_loader(s)
     total = s.train.steps or s.train.epochs * len(stream)
-    state = {"step": 0}
+    steps = StepCount()
 
     @torch.no_grad()
     def proximal(m):
-        state["step"] += 1
-        k = int(ratio0 * (total - state["step"]) / total * n_params)
+        steps.n += 1
+        k = int(ratio0 * (total - steps.n) / total * n_params)
         if k <= 0:
             return
         diffs = [p - p0 for p, p0 in zip(params, theta0)]
@@ -124,7 +124,7 @@ def salun_soft(model: nn.Module, s: Setup) -> nn.Module:
         logits = m(batch.x)
         return F.cross_entropy(logits, y), logits, y
 
-    train(model, s, stream, loss_fn, after_step=proximal, desc="salun_soft")
+    train(model, s, stream, loss_fn, after_step=proximal, state=(relabel, steps), desc="salun_soft")
     return model
 
 
@@ -241,11 +241,11 @@ def recipe_from_meta(meta: dict) -> engine.TrainConfig:
 def train_from_scratch(model_name: str, data: PreparedData, cfg: engine.TrainConfig, *, device,
                        seed: int, ckpt_path: Path, eval_batch_size: int = 1024,
                        view: TrainingView | None = None, extra_meta: dict | None = None,
-                       test_eval: bool = True, logger=None) -> tuple[nn.Module, dict]:
+                       test_eval: bool = True, logger=None, resume: bool | Path = True) -> tuple[nn.Module, dict]:
     """`training.train_classifier` on `data.retain_idx`, monitoring only the validation split
     each epoch (no pass over the test set per epoch: model selection never looks at test, and
     CPU runs stay fast); with `test_eval`, the final test accuracy is measured once and
-    written into the checkpoint's meta."""
+    written into the checkpoint's meta. `resume`: as train_classifier's."""
     empty = data.test.x[:0], data.test.y[:0]
     quiet = dataclasses.replace(data, test=Split(*empty, data.test.name, False, list(data.test.classes)))
 
@@ -261,7 +261,7 @@ def train_from_scratch(model_name: str, data: PreparedData, cfg: engine.TrainCon
         warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")
         model, meta, _ = train_classifier(
             model_name, quiet, cfg, device=device, seed=seed, ckpt_path=Path(ckpt_path),
-            eval_batch_size=eval_batch_size, logger=logger, view=view,
+            eval_batch_size=eval_batch_size, logger=logger, view=view, resume=resume,
             extra_meta={"augment": cfg.augment, **(extra_meta or {})}, finish=final_test_accuracy)
     return model.eval(), meta
 
@@ -271,12 +271,12 @@ def retrain_from_scratch(s: Setup, logger=None, before_training=None) -> tuple[n
     base recipe `s.base` and seed `s.seed`: from the cache when `s.cache_key` names one.
     `before_training(path)` runs just before it is trained (under the cache's lock: what it
     says and writes, only the one process that trains it does)."""
-    def fit_retrain(path, extra_meta=None):
+    def fit_retrain(path, extra_meta=None, resume=True):
         if before_training is not None:
             before_training(path)
         return train_from_scratch(
             s.model_name, s.data, s.base, device=s.device, seed=s.seed, ckpt_path=path,
-            eval_batch_size=s.eval_batch_size, view=s.view, test_eval=False, logger=logger,
+            eval_batch_size=s.eval_batch_size, view=s.view, test_eval=False, logger=logger, resume=resume,
             extra_meta={"role": "retrain", "n_forget_excluded": len(s.data.forget_idx),
                         **(extra_meta or {})})
 
@@ -286,8 +286,8 @@ def retrain_from_scratch(s: Setup, logger=None, before_training=None) -> tuple[n
         model, meta, _ = cached_model("retrain", s.cache_key, model_name=s.model_name,
                                       dataset=s.data.spec.dataset, device=s.device, train=fit_retrain)
         return model, meta
-    with tempfile.TemporaryDirectory() as tmp:
-        model, meta = fit_retrain(Path(tmp) / "retrain.pt")
+    with tempfile.TemporaryDirectory() as tmp:  # the run's own model: its resume state is the run's
+        model, meta = fit_retrain(Path(tmp) / "retrain.pt", resume=s.resume_path or True)
     return model, {**meta, "cached": False}
 
 
@@ -342,10 +342,13 @@ def boundary_expanding(model: nn.Module, s: Setup) -> nn.Module:
     """The official code keeps the widened C+1-way head for evaluation; Boundary Unlearning
     prunes the shadow neuron afterwards, which we do, so checkpoints keep their shape."""
     head = model.head
-    shadow_w = nn.Parameter(torch.empty(1, head.in_features, device=head.weight.device))
-    nn.init.kaiming_uniform_(shadow_w, a=math.sqrt(5))
+    # drawn from the run's seed, not the process's RNG: the same neuron whether the run is
+    # the first or the tenth of its process (a job of a launch, a list, a resumed run)
+    gen = torch.Generator().manual_seed(s.seed)
+    weight = nn.init.kaiming_uniform_(torch.empty(1, head.in_features), a=math.sqrt(5), generator=gen)
     bound = 1 / math.sqrt(head.in_features)
-    shadow_b = nn.Parameter(torch.empty(1, device=head.weight.device).uniform_(-bound, bound))
+    shadow_w = nn.Parameter(weight.to(head.weight.device))
+    shadow_b = nn.Parameter(torch.empty(1).uniform_(-bound, bound, generator=gen).to(head.weight.device))
     shadow = torch.full((1,), s.num_classes, dtype=torch.long, device=s.device)
 
     def loss_fn(m, batch: Batch):

@@ -66,6 +66,11 @@ def append_jsonl(path: str | Path, obj) -> None:
     append_line(path, to_json(_stamped(obj)))
 
 
+def write_jsonl(path: str | Path, records: list) -> None:
+    """The records as a whole JSON-lines file, atomically: each line as append_jsonl writes it."""
+    write_text_atomic(path, "".join(to_json(_stamped(r)) + "\n" for r in records))
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file (a torn last line, not yet set aside, left out)."""
     records = []

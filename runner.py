@@ -11,8 +11,12 @@ recorded as diverged (null metrics, `diverged` says where) and the list goes on.
 
 Several processes may work on one list at once (the jobs of a launch, launcher.py; a second
 command on the same list): a run is run under its lock (`run_lock`) by one of them, and a
-job writes its record to jobs/<hash>.json, which `merge_job_records` appends to runs.jsonl
-in the list's order; shared models are trained under their cache's lock (training.py).
+job writes its record to jobs/<hash>.json, which `merge_records` puts into runs.jsonl in the
+list's order; shared models are trained under their cache's lock (training.py).
+
+A run interrupted mid-way (killed, preempted, timed out) resumes from its last epoch: its
+training state is kept in jobs/<hash>.resume.pt (engine.fit) and its saliency mask in
+jobs/<hash>.mask.pt until its record is written.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from datasets import balanced_subset, write_index_json
 from experiments import Experiment
 from methods import recipe_from_meta, retrain_from_scratch, train_from_scratch
 from models import get_model
-from reporting import append_jsonl, read_jsonl, summarize, to_json, write_tables
+from reporting import read_jsonl, summarize, to_json, write_jsonl, write_tables
 from saliency import load_mask, mask_fraction, save_mask, saliency_mask
 from storage import exclusive, set_aside_torn_tail
 from training import PreparedData, cache_path, cached_model, prepare_data, recipe_key
@@ -132,12 +136,14 @@ class Runner:
         print(f"base model: test acc {meta['test_acc']:.2f}%")
         return model, meta
 
-    def setup(self, exp: Experiment, data, seed, recipe, mask=None, cache_key=None) -> unlearning.Setup:
+    def setup(self, exp: Experiment, data, seed, recipe, mask=None, cache_key=None,
+              resume_path=None) -> unlearning.Setup:
         return unlearning.Setup(
             data=data, model_name=exp.model, device=self.device, seed=seed,
             train=dataclasses.replace(exp.train, amp=self.amp), mask=mask, params=dict(exp.params),
             base=dataclasses.replace(recipe, amp=self.amp), cache_key=cache_key,
-            view=exp.forget.view(self, exp, seed), eval_batch_size=exp.eval_batch_size)
+            view=exp.forget.view(self, exp, seed), eval_batch_size=exp.eval_batch_size,
+            resume_path=resume_path)
 
     def retrain_key(self, exp: Experiment, data, seed, recipe) -> dict:
         key = {"role": "retrain", "model": exp.model,
@@ -251,16 +257,17 @@ class Runner:
         return record
 
     def unlearn(self, exp: Experiment, data, seed, recipe, model, record) -> tuple:
+        resume_path, mask_path = run_state(self.out_dir, run_id(exp.record(), seed))
         mask_seconds = 0.0
         with MX.timer(self.device) as t:
             mask = None
             if exp.use_mask:
                 with MX.timer(self.device) as tm:
                     mask = (load_mask(exp.load_mask, model, self.device) if exp.load_mask else
-                            saliency_mask(model, unlearning.forget_loader(
-                                self.setup(exp, data, seed, recipe), salt=7), exp.mask_thr))
+                            self.saliency(exp, data, seed, recipe, model, mask_path))
                 mask_seconds = tm.seconds
-            model = unlearning.unlearn(model, exp.method, self.setup(exp, data, seed, recipe, mask=mask))
+            setup = self.setup(exp, data, seed, recipe, mask=mask, resume_path=resume_path)
+            model = unlearning.unlearn(model, exp.method, setup)
         with MX.timer(self.device) as te:
             result = self.evaluate(model, exp, data, seed)
         result["time_s"], result["eval_s"] = t.seconds, te.seconds
@@ -272,6 +279,17 @@ class Runner:
                               threshold=exp.mask_thr, forget_digest=record["forget_digest"])
                 record["mask_path"] = str(p)
         return model, result
+
+    def saliency(self, exp: Experiment, data, seed, recipe, model, path: Path) -> dict:
+        """The run's saliency mask, of the original model; kept at `path` until the run is
+        recorded, so that a resumed run trains under the mask it started with (recomputed on
+        a GPU, its near-ties may fall otherwise)."""
+        if path.is_file():
+            return load_mask(path, model, self.device)
+        mask = saliency_mask(model, unlearning.forget_loader(self.setup(exp, data, seed, recipe), salt=7),
+                             exp.mask_thr)
+        save_mask(path, mask, threshold=exp.mask_thr)
+        return mask
 
     def save_models(self, exp: Experiment, model, base, data, seed, record) -> None:
         path = self.out_dir / "models" / safe_name(exp.tag) / f"seed{seed}.pt"
@@ -325,6 +343,20 @@ def job_record(out_dir: Path, rid: str) -> Path:
     return out_dir / "jobs" / f"{hashlib.sha1(rid.encode()).hexdigest()[:16]}.json"
 
 
+def run_state(out_dir: Path, rid: str) -> tuple[Path, Path]:
+    """(training state, saliency mask) that run `rid` keeps while it runs, beside its record
+    (jobs/<hash>.resume.pt, jobs/<hash>.mask.pt): a run killed, preempted or timed out goes on
+    from its last epoch, in a job of a relaunch or in main.py run again."""
+    stem = job_record(out_dir, rid).with_suffix("")
+    return stem.with_name(stem.name + ".resume.pt"), stem.with_name(stem.name + ".mask.pt")
+
+
+def drop_run_state(out_dir: Path, rid: str) -> None:
+    """The run is recorded: what it kept to resume from goes."""
+    for path in run_state(out_dir, rid):
+        path.unlink(missing_ok=True)
+
+
 def run_lock(out_dir: Path, rid: str):
     """Held while the run is checked and run: by one process at a time (a job of a launch,
     a second launch of the same list, main.py without a launcher)."""
@@ -336,31 +368,57 @@ def runs_lock(out_dir: Path):
     return exclusive(out_dir / "runs")
 
 
+def record_id(record) -> str | None:
+    """The run id of a line of runs.jsonl; None for a line that is not a run's record."""
+    if isinstance(record, dict) and isinstance(record.get("config"), dict) and "seed" in record:
+        return run_id(record["config"], record["seed"])
+    return None
+
+
+def by_run(records: list) -> dict[str, dict]:
+    """The records by run id (a run recorded twice: its last record)."""
+    return {rid: r for r in records if (rid := record_id(r)) is not None}
+
+
 def runs_in(runs_file: Path) -> dict[str, dict]:
     """The runs runs.jsonl holds, by run_id (a torn last line left out)."""
-    return {run_id(r["config"], r["seed"]): r for r in read_jsonl(runs_file)
-            if isinstance(r, dict) and isinstance(r.get("config"), dict) and "seed" in r}
+    return by_run(read_jsonl(runs_file))
 
 
-def recorded_runs(runs_file: Path) -> dict[str, dict]:
-    """runs_in(runs_file), after setting aside a torn last line (left by a crash mid-write)."""
-    set_aside_torn_tail(runs_file)
-    return runs_in(runs_file)
+def in_list_order(records: list, runs: list[tuple[int, Experiment, int, str]]) -> list:
+    """`records` with the list's runs put in the list's order (experiment, then seed) in the
+    places they take; every other line (another list's run, an earlier record of a run
+    recorded twice) stays where it is. So runs recorded in any order (the jobs of a launch,
+    a relaunch finishing the runs a first launch lost) end as one process running the list
+    writes them."""
+    rank: dict[str, int] = {}
+    for n, (*_, rid) in enumerate(runs):
+        rank.setdefault(rid, n)
+    last = {rid: pos for pos, r in enumerate(records) if (rid := record_id(r)) in rank}
+    out = list(records)
+    for pos, rid in zip(sorted(last.values()), sorted(last, key=rank.__getitem__)):
+        out[pos] = records[last[rid]]
+    return out
 
 
-def merge_job_records(runs: list[tuple[int, Experiment, int, str]], out_dir: Path) -> dict[str, dict]:
-    """The recorded runs by run id: runs.jsonl's, after appending to it, in the list's order,
-    the records of the list's runs that jobs wrote (jobs/*.json) and it lacks; so runs.jsonl
-    holds the lines one process running the list would have written."""
+def merge_records(runs: list[tuple[int, Experiment, int, str]], out_dir: Path,
+                  new: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The recorded runs by run id, after writing into runs.jsonl the records of the list's
+    runs it lacks (those jobs wrote, jobs/*.json, and `new`: run id -> record), with the
+    list's runs in the list's order (`in_list_order`): the lines one process running the list
+    writes. A torn last line (a crash mid-write) is set aside first."""
     runs_file = out_dir / "runs.jsonl"
     with runs_lock(out_dir):
-        recorded = recorded_runs(runs_file)
-        for *_, rid in runs:
-            path = job_record(out_dir, rid)
-            if rid not in recorded and path.is_file():
-                recorded[rid] = json.loads(path.read_text())
-                append_jsonl(runs_file, recorded[rid])
-    return recorded
+        set_aside_torn_tail(runs_file)
+        records = read_jsonl(runs_file)
+        have = by_run(records)
+        added = {rid: json.loads(job_record(out_dir, rid).read_text()) for *_, rid in runs
+                 if rid not in have and job_record(out_dir, rid).is_file()}
+        added.update({rid: r for rid, r in (new or {}).items() if rid not in have})
+        merged = in_list_order(records + list(added.values()), runs)
+        if merged != records:
+            write_jsonl(runs_file, merged)
+    return by_run(merged)
 
 
 def unrecorded(runs: list[tuple[int, Experiment, int, str]], recorded) -> list[tuple[int, Experiment, int, str]]:
@@ -385,21 +443,22 @@ def run_list(exps: list[Experiment], runner: Runner, *, source: str, log: bool,
     (recorded earlier or now), for the summary."""
     runs_file = runner.out_dir / "runs.jsonl"
     runs = list_runs(exps)
-    recorded = merge_job_records(runs, runner.out_dir)
+    recorded = merge_records(runs, runner.out_dir)
     pending = unrecorded(runs, recorded)
     if len(pending) < len(runs):
         print(f"{len(runs) - len(pending)} of {len(runs)} run(s) already recorded in {runs_file}: skipped")
     started = time.strftime("%Y%m%d_%H%M%S")
     for i, exp, seed, rid in pending:
         with run_lock(runner.out_dir, rid):
-            done = merge_job_records(runs, runner.out_dir)
+            done = merge_records(runs, runner.out_dir)
             if rid in done:  # another process ran it meanwhile
                 recorded[rid] = done[rid]
+                drop_run_state(runner.out_dir, rid)
                 continue
             record = run_one(runner, exp, i, len(exps), seed, started=started, source=source, log=log,
                              wandb_project=wandb_project)
-            with runs_lock(runner.out_dir):
-                append_jsonl(runs_file, record)
+            merge_records(runs, runner.out_dir, {rid: record})
+            drop_run_state(runner.out_dir, rid)
         recorded[rid] = record
     return list_records(runs, recorded), runs_file
 

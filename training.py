@@ -129,11 +129,13 @@ def build_model(model_name: str, num_classes: int, device, seed: int):
 def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfig, *,
                      device, seed: int, ckpt_path: Path, batch_size: int | None = None,
                      extra_meta: dict | None = None, augment: Callable | None = None,
-                     eval_batch_size: int = 1024, logger=None, resume: bool = True,
+                     eval_batch_size: int = 1024, logger=None, resume: bool | Path = True,
                      on_epoch_end=None, view: TrainingView | None = None,
                      transform: Callable | None = None, loss_fn=None, finish: Callable | None = None):
     """Train from scratch on `data.retain_idx`, evaluate each epoch on val/test, and save
-    `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`.
+    `ckpt_path` (state_dict + plain metadata). Resumes from `<ckpt>.resume-<hash>.pt`, or from
+    the file `resume` names (a model of one run, written to a temporary checkpoint), or not at
+    all (`resume=False`).
     The batch size and augmentation are the config's unless given (`augment`: a whole-batch
     augmentation such as the orthogonal-projection recipe's strong one). `view` is the training
     set as trained on (views.py), `transform` a float transform of each batch before
@@ -167,7 +169,8 @@ def train_classifier(model_name: str, data: PreparedData, cfg: engine.TrainConfi
             "batch_size": batch_size, "data": asdict(data.spec), "train": cfg.plain(),
             **(extra_meta or {})}
     meta["config_hash"] = config_hash(meta)
-    resume_path = Path(f"{ckpt_path}.resume-{meta['config_hash']}.pt") if resume else None
+    resume_path = (Path(f"{ckpt_path}.resume-{meta['config_hash']}.pt") if resume is True
+                   else Path(resume) if resume else None)
     t0 = time.perf_counter()
     history = engine.fit(model, loader, cfg, loss_fn=loss_fn,
                          evaluate=evaluate, resume_path=resume_path,

@@ -13,7 +13,10 @@ Adding a method: write `def name(model, s: Setup) -> nn.Module`, decorate it wit
 `@register("name", aliases=("Name",), params={"alpha": 0.001, ...}, summary=..., source=...)`,
 and build its stream and loss with the helpers here (`forget_loader`, `retain_loader`,
 `Paired`, `train`, `frozen_copy`). The forget stream carries what the model saw at training
-time (manipulated labels, the trigger) through `Setup.view`.
+time (manipulated labels, the trigger) through `Setup.view`. What the loss, hooks or stream
+keep from step to step (a random-label generator, a counter: anything with `state_dict` /
+`load_state_dict`) goes to `train(..., state=(...))`: a run resumed after an interruption
+(`Setup.resume_path`) then gets it back and ends as if never interrupted.
 
 The methods themselves: `methods.py` (the SalUn paper's comparison), `corrective.py` (SCRUB,
 Bad Teacher, SSD); both register here and are loaded on first lookup.
@@ -25,6 +28,7 @@ import dataclasses
 import difflib
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -66,6 +70,9 @@ class Setup:
     view: TrainingView | None = None
     eval_batch_size: int = 1024
     log: Callable[[str], None] = print
+    # where the run's training state is kept after every epoch and resumed from (engine.fit),
+    # so a run killed or requeued mid-way goes on from its last epoch; None: not kept
+    resume_path: Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -303,6 +310,49 @@ class RandomLabels:
     def __call__(self, n: int) -> torch.Tensor:
         return torch.randint(0, self.num_classes, (n,), generator=self.gen, device=self.device)
 
+    # the generator's position: a resumed run draws the labels the uninterrupted one would
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["gen"])
+
+
+class StepCount:
+    """Optimizer steps a method counts itself (salun_soft's decaying share), kept in the
+    resume state."""
+
+    def __init__(self):
+        self.n = 0
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state["n"])
+
+
+class Carried:
+    """What a method's training depends on besides the model and the optimizer: parameters
+    outside the model (Boundary Expanding's shadow neuron) and stateful parts of its loss,
+    hooks or stream (`state_dict` / `load_state_dict`); engine.fit's `extra_state`."""
+
+    def __init__(self, params, parts):
+        self.params, self.parts = list(params), list(parts)
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu() for p in self.params],
+                "parts": [part.state_dict() for part in self.parts]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["params"]) != len(self.params) or len(state["parts"]) != len(self.parts):
+            raise ValueError("the saved state is of another method")
+        for p, saved in zip(self.params, state["params"]):
+            p.copy_(saved)
+        for part, saved in zip(self.parts, state["parts"]):
+            part.load_state_dict(saved)
+
 
 # ============================================================================ the loop
 
@@ -317,10 +367,13 @@ def trainable(model: nn.Module, k: int):
     return params, frozen
 
 
-def train(model: nn.Module, s: Setup, stream, loss_fn, *, extra_params=(),
-           after_step: Callable | None = None, desc: str = "unlearn", **cfg_overrides) -> list[dict]:
+def train(model: nn.Module, s: Setup, stream, loss_fn, *, extra_params=(), state=(),
+          after_step: Callable | None = None, desc: str = "unlearn", **cfg_overrides) -> list[dict]:
     """Every iterative method trains here: the setup's optimiser on `stream` with `loss_fn`,
-    only the last k layers when `k` is set, under the saliency mask when one is given."""
+    only the last k layers when `k` is set, under the saliency mask when one is given.
+    `state`: the objects the loss, hooks or stream keep from step to step (random-label
+    generators, counters), saved with `extra_params` in the run's resume state
+    (`Setup.resume_path`) so that a resumed run gives the uninterrupted run's numbers."""
     cfg = s.train_config(**cfg_overrides)
     params, frozen = trainable(model, int(s.params.get("k", -1)))
     if frozen:
@@ -344,7 +397,8 @@ def train(model: nn.Module, s: Setup, stream, loss_fn, *, extra_params=(),
 
             return engine.fit(model, stream, cfg, loss_fn=loss_fn, params=list(params) + list(extra_params),
                               after_backward=constraint.mask_grads if constraint else None,
-                              after_step=step_hook, desc=desc)
+                              after_step=step_hook, resume_path=s.resume_path,
+                              extra_state=Carried(extra_params, state), desc=desc)
     finally:
         for p in still:
             p.requires_grad_(True)

@@ -1,7 +1,8 @@
 """main.py -L FILE --launcher local|slurm (launcher.py, submitit): a list's runs as jobs on
 tiny data. A local launch with one job killed (SIGKILL) and one preempted (submitit's
-USR2: checkpoint and requeue), then re-launched, ends with the runs.jsonl and summary one
-process writes; two launches of one list at once train each shared model once and run
+USR2: checkpoint and requeue) after their runs' first epoch, then re-launched, ends with
+the runs.jsonl (line by line) and summary one process writes, both runs resumed from their
+epoch; two launches of one list at once train each shared model once and run
 each run once; the Slurm arrays and sbatch options are checked without a cluster; bad
 launch flags get one error line and submit nothing."""
 import csv
@@ -26,6 +27,7 @@ from cli import run_main
 from constants import UserError
 from models import get_model
 from reporting import read_jsonl
+from runner import in_list_order, run_id
 from training import cached_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +71,11 @@ def worker_of(controller: int) -> int:
     raise AssertionError(f"job {controller} has no worker process")
 
 
+def resume_file(out: Path, job: dict) -> Path:
+    """Where the run of a run job keeps its training state (runner.run_state)."""
+    return out / "jobs" / f"{job['run']}.resume.pt"
+
+
 def runs(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
 
@@ -110,13 +117,15 @@ def test_a_cached_model_two_want_at_once_is_trained_once(tmp_path, monkeypatch):
 
 def test_a_launch_with_a_killed_and_a_preempted_job_ends_as_one_process(tiny_env, monkeypatch, capsys):
     """3 experiments x 2 seeds, --launcher local --max-parallel 2: one run's job is killed
-    mid-run (SIGKILL), another's preempted (USR2: submitit checkpoints and requeues it, and
-    it runs again). The launch exits 1 naming the lost run, --status says so; the same
-    command again runs that run alone; runs.jsonl and the summary then hold what one process
-    writes, each run once. (The launches run in this process, the jobs in their own.)"""
-    path = experiment_list(tiny_env, [{"method": "ft", "tag": "ft"},  # the two signalled: 3 epochs, time to act
-                                      {"method": "ga", "lr": 0.001, "tag": "ga", "epochs": 3},
-                                      {"method": "rl", "tag": "rl", "epochs": 3}], nexp=2, avg_gap=False)
+    (SIGKILL), another's preempted (USR2: submitit checkpoints and requeues it, and it runs
+    again), each once its run has saved its first epoch. The launch exits 1 naming the lost
+    run, --status says so; the same command again runs that run alone; both signalled runs
+    go on from the epoch they saved; runs.jsonl then holds, line by line and in order, what
+    one process writes, and the summary its rows. (The launches run in this process, the
+    jobs in their own.)"""
+    path = experiment_list(tiny_env, [{"method": "ft", "tag": "ft"},  # the two signalled: 6 epochs, time to act
+                                      {"method": "ga", "lr": 0.001, "tag": "ga", "epochs": 6},
+                                      {"method": "rl", "tag": "rl", "epochs": 6}], nexp=2, avg_gap=False)
     assert in_one_process(["-L", path, "-NL", "--threads", "1", "--out", str(tiny_env / "single")]) == 0
     monkeypatch.setenv("CHECKPOINT_DIR", str(tiny_env / "ck_launched"))  # its own base model, from a job
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # which the launch extends
@@ -127,10 +136,10 @@ def test_a_launch_with_a_killed_and_a_preempted_job_ends_as_one_process(tiny_env
     hit: dict[str, dict] = {}
     ended = threading.Event()
 
-    def interfere():  # each signal as soon as its run has started in its job
+    def interfere():  # each signal as soon as its run has saved an epoch to resume from
         while len(hit) < len(signals) and not ended.wait(0.05):
             for job in jobs_of(out):
-                if job["name"] in signals and job["name"] not in hit and "=== experiment" in log(job):
+                if job["name"] in signals and job["name"] not in hit and resume_file(out, job).is_file():
                     os.kill(worker_of(int(job["job_id"])), signals[job["name"]])
                     hit[job["name"]] = job
     watcher = threading.Thread(target=interfere)
@@ -144,8 +153,9 @@ def test_a_launch_with_a_killed_and_a_preempted_job_ends_as_one_process(tiny_env
     assert len(hit) == 2 and code == 1, stdout[-3000:]
     assert "after 1 shared model(s)" in stdout  # the base model all six runs use
     assert "1 job(s) failed" in stdout and "killed" in stdout, stdout[-3000:]
-    assert log(hit["3. rl, seed 1"]).count("=== experiment") == 2  # requeued, run again, recorded
-    assert len(runs(out)) == 5
+    requeued = log(hit["3. rl, seed 1"])
+    assert requeued.count("=== experiment") == 2 and "resuming from" in requeued  # requeued, resumed, recorded
+    assert len(runs(out)) == 5 and resume_file(out, hit["2. ga, seed 0"]).is_file()
 
     assert in_one_process([*argv, "--status"]) == 0
     status = capsys.readouterr().out
@@ -154,10 +164,12 @@ def test_a_launch_with_a_killed_and_a_preempted_job_ends_as_one_process(tiny_env
 
     assert in_one_process(launch) == 0
     assert "1 run(s) to launch as local jobs, after 0 shared" in capsys.readouterr().out
+    relaunched = log(jobs_of(out)[-1])
+    assert "resuming from" in relaunched and "ga epoch 1/6" not in relaunched and "ga epoch 6/6" in relaunched
+    assert not list((out / "jobs").glob("*.resume.pt"))  # each went with its run's record
     single, launched = runs(tiny_env / "single"), runs(out)
-    assert sorted((r["experiment"], r["seed"]) for r in launched) == [(i, s) for i in (1, 2, 3) for s in (0, 1)]
-    ordered = sorted(launched, key=lambda r: (r["experiment"], r["seed"]))
-    for a, b in zip(single, ordered):
+    assert [(r["experiment"], r["seed"]) for r in launched] == [(i, s) for i in (1, 2, 3) for s in (0, 1)]
+    for a, b in zip(single, launched):  # line by line: the lost run back in its place
         assert {k: a.get(k) for k in SAME} == {k: b.get(k) for k in SAME}
     assert table(tiny_env / "single") == table(out) and len(table(out)) == 3
 
@@ -183,6 +195,21 @@ def test_two_processes_on_one_list_at_once_train_each_shared_model_once(tiny_env
     assert len(list((ck / "base").glob("*.pt"))) == 1 and len(list((ck / "retrain").glob("*.pt"))) == 1
     assert said.count("=== experiment") == 2  # each run run once, by one of the two processes
     assert [(r["experiment"], r["seed"]) for r in runs(out)] == [(1, 0), (2, 0)]
+
+
+def test_the_merge_puts_the_lists_runs_in_its_order_and_leaves_other_lines_in_place():
+    """Runs recorded out of order (a relaunch finishing what a launch lost) take the list's
+    order in the places they hold; a line of another list (an edited experiment) and the
+    earlier record of a run recorded twice stay where they are."""
+    def record(method, seed, n=0):
+        return {"config": {"method": method}, "seed": seed, "n": n}
+    runs = [(i, None, seed, run_id({"method": m}, seed)) for i, m in ((1, "ft"), (2, "ga")) for seed in (0, 1)]
+    other = record("rl", 0)
+    lines = [record("ft", 1), other, record("ga", 1), record("ft", 0), record("ga", 0)]
+    assert in_list_order(lines, runs) == [record("ft", 0), other, record("ft", 1), record("ga", 0),
+                                          record("ga", 1)]
+    twice = [record("ft", 0, n=1), record("ft", 1), record("ft", 0, n=2)]
+    assert in_list_order(twice, runs) == [record("ft", 0, n=1), record("ft", 0, n=2), record("ft", 1)]
 
 
 class Stub(launcher.Job):
