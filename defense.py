@@ -4,10 +4,9 @@ remove a backdoor from a poisoned model with a small clean set.
 
 Measured at the defaults (5 rounds, 5,000 clean images, held-out ASR, seeds 0-2, 2-core CPU,
 `bash exp/ibau_release.sh defaults own`; docs/ibau.md): the I-BAU authors' models
-(DATA_ROOT/ibau_release) CIFAR-10 ASR 98.2 → 2.66 ± 4.09 % (ACC 77.9 → 77.2), GTSRB
-97.7 → 0.87 ± 0.75 % (ACC 79.5 → 96.8: the clean images adapt it to this GTSRB copy);
-this repository's BadNets SmallCNN 93.1 → 6.27 ± 4.67 % (seed 1: 11.5 %; the earlier
-defaults, --projection step --perturb-frac 0.01 --n_rounds 3: 4.65 ± 0.83 %).
+(DATA_ROOT/ibau_release) CIFAR-10 ASR 98.2 → 2.22 ± 2.74 % (ACC 77.9 → 76.5), GTSRB
+97.7 → 1.96 ± 2.38 % (ACC 79.5 → 93.4: the clean images adapt it to this GTSRB copy);
+this repository's BadNets SmallCNN 93.1 → 3.33 ± 0.28 % (ACC 70.4 → 69.1).
 
     python defense.py --dataset cifar10 --poi_path ./checkpoint/badnets_8_02_ckpt.pth \\
         --optim Adam --lr 0.001 --n_rounds 3 --K 5          # the release's README example
