@@ -22,6 +22,7 @@ import torch.nn as nn
 
 import engine
 import ibau
+import plotting
 from attacks import ATTACKS, BackdoorEval, BadNets, load_release_trigger, make_trigger
 from constants import UserError, canonical_dataset_name
 from datasets import (Augment, BatchLoader, Split, balanced_subset, dataset_info, load_split,
@@ -492,16 +493,13 @@ def run_fineprune(model, split, clean_idx, recipe: engine.TrainConfig, *, acc_dr
 
 # --- Plot -----------------------------------------------------------------------------
 
+@plotting.drawn
 def plot_rounds(path: Path, rows: list[dict], title: str, xlabel: str = "round") -> None:
     """ACC, ASR and R-Acc of a RoundLog's rows, one point per row, as a PNG (atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     x = list(range(len(rows)))
     labels = [f"{r['round']}" if r["stage"] not in ("before", "pruned") else r["stage"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig = plotting.figure(6, 3.6)
+    ax = fig.subplots()
     ax.plot(x, [r["acc"] for r in rows], "o-", label="clean ACC")
     ax.plot(x, [r["asr"] for r in rows], "s-", label="ASR (non-target)")
     ax.plot(x, [r["racc"] for r in rows], "^--", label="R-Acc", alpha=0.6)
@@ -518,8 +516,4 @@ def plot_rounds(path: Path, rows: list[dict], title: str, xlabel: str = "round")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    plotting.save_png(fig, path, dpi=120)

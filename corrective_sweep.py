@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import plotting
 from cli import run_main
 from constants import UserError
 from reporting import mean_std, read_jsonl, write_json, write_tables
@@ -215,6 +216,7 @@ def report_rows(chosen: dict, base: dict, metrics: list[str]) -> list[dict]:
     return rows
 
 
+@plotting.drawn
 def plot(chosen: dict, base: dict, metrics: list[str], path: Path, title: str) -> None:
     import matplotlib
 

@@ -51,10 +51,15 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
-import submitit
 import torch
-from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths, pickle_load
-from submitit.helpers import Checkpointable
+
+try:
+    import submitit
+    from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths, pickle_load
+    from submitit.helpers import Checkpointable
+except ImportError:  # only launching jobs needs submitit: a list still runs in one process without it
+    submitit = None
+    Checkpointable = object
 
 from cli import resolve_device
 from constants import REPO_ROOT, UserError, cache_dir, checkpoint_dir, data_root, results_dir
@@ -101,6 +106,9 @@ def check_args(args) -> None:
     """Refuse launch flags that do not fit together, before anything is submitted."""
     if args.launcher is not None and args.launcher not in LAUNCHERS:
         raise UserError(f"unknown launcher '{args.launcher}': use --launcher local or --launcher slurm")
+    if (args.launcher or args.status) and submitit is None:
+        raise UserError(f"{'--launcher' if args.launcher else '--status'} needs submitit, which is not "
+                        "installed: pip install -r requirements.txt")
     if args.status and args.merge:
         raise UserError("--status and --merge are two commands: give one")
     if (args.status or args.merge) and args.launcher:

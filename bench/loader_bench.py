@@ -13,6 +13,11 @@ bookkeeping), the loop's metrics alone (loss and accuracy accumulated on the dev
 
     python bench/loader_bench.py --model smallcnn --batch-size 256 --steps 40
     python bench/loader_bench.py --model resnet18 --batch-size 512 --steps 100   # on a GPU
+
+--profile adds what stands in the way of the step (bench/step_profile.py): a torch.profiler
+split of engine.fit's step (GPU-bound or launch-bound, the top kernels), the bare step with
+the foreach against the fused optimizer, the bare step in one CUDA graph, and under
+--compile torch.compile's graph and graph-break counts; --json writes every figure.
 """
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import engine  # noqa: E402
+import step_profile  # noqa: E402
 from cli import add_runtime_args, run_main, setup_runtime  # noqa: E402
 from constants import DATASETS, UserError, data_root  # noqa: E402
 from datasets import Augment, Batch, BatchLoader, load_split  # noqa: E402
+from reporting import write_json  # noqa: E402
 from models import get_model  # noqa: E402
 
 
@@ -144,6 +151,9 @@ def main(argv=None):
     p.add_argument("--epoch", action="store_true", help="also time one full epoch (default on CUDA)")
     p.add_argument("--repeats", type=int, default=3,
                    help="each timing is the fastest of this many interleaved repeats")
+    p.add_argument("--profile", action="store_true", help="also profile the step (bench/step_profile.py)")
+    p.add_argument("--profile-steps", type=int, default=20)
+    p.add_argument("--json", help="write every figure to this JSON file")
     add_runtime_args(p)
     args = p.parse_args(argv)
     device = setup_runtime(args)
@@ -171,6 +181,15 @@ def main(argv=None):
         t_compute = min(t_compute, compute_only_seconds(get_model(args.model, info.num_classes).to(device),
                                                         next(iter(ours)), cfg, args.steps, args.warmup))
         t_metrics = min(t_metrics, metrics_seconds(args.batch_size, info.num_classes, args.steps, device))
+    figures = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+               else platform.processor() or platform.machine(), "torch": torch.__version__,
+               "torchvision": torchvision.__version__, "model": args.model, "batch_size": args.batch_size,
+               "amp": amp, "compile": args.compile, "steps": args.steps, "repeats": args.repeats,
+               "ours_ms_per_step": t_ours / args.steps * 1000, "ours_images_per_s": n_img / t_ours,
+               "input_ms_per_step": t_input / args.steps * 1000, "input_pct": 100 * t_input / t_ours,
+               "metrics_ms_per_step": t_metrics / args.steps * 1000,
+               "compute_ms_per_step": t_compute / args.steps * 1000,
+               "outside_compute_pct": 100 * (t_ours - t_compute) / t_ours}
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"model {args.model}, batch {args.batch_size}, bf16 autocast {amp}, steps {args.steps}, "
@@ -194,6 +213,7 @@ def main(argv=None):
         print(f"standard  : {n_img / t_std:9.1f} images/s  ({t_std / args.steps * 1000:.1f} ms/step, "
               f"ImageFolder + DataLoader, {args.workers} workers)")
         print(f"speed-up  : {t_std / t_ours:.2f}x")
+        figures.update(standard_images_per_s=n_img / t_std, speedup=t_std / t_ours, workers=args.workers)
     if device.type == "cuda" or args.epoch:
         torch.manual_seed(0)
         model = get_model(args.model, info.num_classes).to(device)
@@ -205,7 +225,41 @@ def main(argv=None):
         epoch = time.perf_counter() - t0
         print(f"one epoch measured ({len(ours)} steps, {len(ours) * args.batch_size} images, engine.fit): "
               f"{epoch:.2f} s (at the timed rate: {len(split) / (n_img / t_ours):.2f} s)")
+        figures["epoch_s"] = epoch
+    if args.profile:
+        figures["profile"] = profile(args, ours, cfg, info, device, t_ours / args.steps * 1000)
+    if args.json:
+        write_json(args.json, figures)
     return 0
+
+
+def profile(args, ours, cfg: dict, info, device, ms_per_step: float) -> dict:
+    """bench/step_profile.py's measurements; one that fails prints why and the rest go on."""
+    def make_model():
+        return get_model(args.model, info.num_classes).to(device)
+
+    out = {}
+    torch.manual_seed(0)
+    model = make_model()
+    engine.fit(model, ours, engine.TrainConfig(**{**cfg, "steps": args.warmup}), desc="warmup")
+    jobs = {"fit": lambda: step_profile.profile_fit(model, ours, cfg, args.profile_steps, ms_per_step, device)}
+    if args.compile:
+        jobs["dynamo"] = step_profile.dynamo_summary
+    else:  # the bare-step variants run eager: measured once, in the eager run
+        jobs["optimizer_s"] = lambda: step_profile.optimizer_ab(make_model, next(iter(ours)), cfg, args.steps,
+                                                                args.warmup, device)
+        jobs["cuda_graph_s"] = lambda: step_profile.graphed_compute_seconds(make_model(), next(iter(ours)), cfg,
+                                                                            args.steps, device)
+    for name, job in jobs.items():
+        try:
+            out[name] = job()
+        except Exception as e:  # a diagnostic, not the benchmark: report and go on
+            print(f"profile {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    if isinstance(out.get("cuda_graph_s"), float):
+        print(f"  one CUDA graph per step would take the step from {ms_per_step:.2f} to "
+              f"{out['cuda_graph_s'] / args.steps * 1000:.2f} ms plus the input pipeline")
+    return out
 
 
 if __name__ == "__main__":

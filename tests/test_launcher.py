@@ -315,3 +315,16 @@ def test_main_refuses_torchrun(tiny_env, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_main(main.main, ["-L", experiment_list(tiny_env, [{"method": "ft"}])])
     assert e.value.code == 2 and "use --launcher local" in capsys.readouterr().err
+
+
+def test_without_submitit_a_list_runs_in_process_and_launching_says_what_to_install():
+    # GPU images and laptops may lack submitit: only --launcher / --status need it
+    block = "import sys, runpy; sys.modules['submitit'] = None; sys.argv = ['main.py'] + sys.argv[1:]; " \
+            "runpy.run_path('main.py', run_name='__main__')"
+    root = Path(__file__).resolve().parents[1]
+    ok = subprocess.run([sys.executable, "-c", block, "--help"], cwd=root, capture_output=True, text=True)
+    assert ok.returncode == 0 and "--launcher" in ok.stdout
+    bad = subprocess.run([sys.executable, "-c", block, "-L", "exp/resnet18_fast.json", "--launcher", "local"],
+                         cwd=root, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "needs submitit" in bad.stderr and "pip install -r requirements.txt" in bad.stderr

@@ -1,0 +1,159 @@
+"""What stands between a training step and its model compute: profiles for issue 15's targets.
+
+Used by `bench/loader_bench.py --profile`; every function prints what it finds and returns
+plain figures, and none of them changes how the project trains:
+
+- `profile_fit`: torch.profiler around a few `engine.fit` steps. On CUDA the kernels' summed
+  time per step against the unprofiled step time says whether the step is GPU-bound (kernels
+  fill the step: what is left to remove is kernels, named in the table) or launch-bound
+  (the GPU waits for Python and the dispatcher: CUDA graphs or fewer, fused kernels help).
+- `optimizer_ab`: the bare compute step with torch's foreach optimizer against the fused
+  one (`engine.make_optimizer`'s default on CUDA).
+- `graphed_compute_seconds`: the same bare step captured whole in one CUDA graph (forward,
+  loss, backward, optimizer), the floor a step reaches without any launch overhead.
+- `dynamo_summary`: torch.compile's graph and graph-break counts (recompiles show here).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import engine
+
+
+def _device_us(event) -> float:
+    return float(getattr(event, "self_device_time_total", 0.0) or 0.0)
+
+
+def profile_fit(model, stream, cfg: dict, steps: int, ms_per_step: float, device, rows: int = 15) -> dict:
+    """Profile `steps` steps of engine.fit (after the caller's warm-up); print the top kernels
+    (CUDA) or operators (CPU) and the step's split. `ms_per_step`: the unprofiled step time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tc = engine.TrainConfig(**{**cfg, "steps": steps})
+    engine.sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        engine.fit(model, stream, tc, desc="profile")
+        engine.sync(device)
+    wall_ms = (time.perf_counter() - t0) * 1000 / steps
+    averages = prof.key_averages()
+    kernels = [e for e in averages if e.device_type != torch.autograd.DeviceType.CPU]
+    out = {"steps": steps, "profiled_wall_ms_per_step": wall_ms, "unprofiled_ms_per_step": ms_per_step,
+           "cpu_ops_per_step": sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CPU
+                                   and e.key.startswith("aten::")) / steps}
+    if kernels:
+        gpu_ms = sum(_device_us(e) for e in kernels) / 1000 / steps
+        out.update(gpu_kernel_ms_per_step=gpu_ms, kernels_per_step=sum(e.count for e in kernels) / steps,
+                   gpu_busy_pct=100 * gpu_ms / ms_per_step)
+        top = sorted(kernels, key=_device_us, reverse=True)[:rows]
+        out["top_kernels"] = [{"name": e.key[:90], "ms_per_step": _device_us(e) / 1000 / steps,
+                               "calls_per_step": e.count / steps} for e in top]
+        print(f"profile (engine.fit, {steps} steps): GPU kernels {gpu_ms:.2f} ms/step over "
+              f"{out['kernels_per_step']:.0f} kernels = {out['gpu_busy_pct']:.1f} % of the unprofiled "
+              f"{ms_per_step:.2f} ms step; {out['cpu_ops_per_step']:.0f} aten ops/step on the host; "
+              f"under the profiler {wall_ms:.2f} ms/step")
+        print("  top kernels by GPU time (ms/step, calls/step):")
+        for k in out["top_kernels"]:
+            print(f"    {k['ms_per_step']:7.3f}  {k['calls_per_step']:5.1f}  {k['name']}")
+    else:
+        top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+        out["top_ops"] = [{"name": e.key[:90], "ms_per_step": e.self_cpu_time_total / 1000 / steps,
+                           "calls_per_step": e.count / steps} for e in top]
+        print(f"profile (engine.fit, {steps} steps, CPU): {out['cpu_ops_per_step']:.0f} aten ops/step, "
+              f"{wall_ms:.2f} ms/step under the profiler")
+        print("  top operators by self CPU time (ms/step, calls/step):")
+        for k in out["top_ops"]:
+            print(f"    {k['ms_per_step']:7.3f}  {k['calls_per_step']:5.1f}  {k['name']}")
+    return out
+
+
+def _bare_step(model, x, y, opt, amp: bool, device, cache: bool = True):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=cache):
+        loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _resident(model, batch, device, channels_last: bool):
+    x, y = batch.x, batch.y
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
+
+
+def optimizer_ab(make_model, batch, cfg: dict, steps: int, warmup: int, device) -> dict:
+    """Seconds of `steps` bare steps with the foreach optimizer, then with the fused one."""
+    tc = engine.TrainConfig(**cfg)
+    amp = engine.resolve_amp(tc.amp, device)
+    out = {}
+    for name, fused in (("foreach", False), ("fused", True)):
+        torch.manual_seed(0)
+        model = make_model()
+        x, y = _resident(model, batch, device, device.type == "cuda")
+        opt = engine.make_optimizer(model.parameters(), tc, fused=fused)
+        model.train()
+        for _ in range(warmup):
+            _bare_step(model, x, y, opt, amp, device)
+        engine.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _bare_step(model, x, y, opt, amp, device)
+        engine.sync(device)
+        out[name] = time.perf_counter() - t0
+    print(f"optimizer (bare step, {steps} steps): foreach {out['foreach'] / steps * 1000:.2f} ms/step, "
+          f"fused {out['fused'] / steps * 1000:.2f} ms/step")
+    return out
+
+
+def graphed_compute_seconds(model, batch, cfg: dict, steps: int, device) -> float | None:
+    """The bare step captured in one CUDA graph and replayed `steps` times (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    tc = engine.TrainConfig(**cfg)
+    amp = engine.resolve_amp(tc.amp, device)
+    x, y = _resident(model, batch, device, True)
+    opt = engine.make_optimizer(model.parameters(), tc)
+    model.train()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as CUDA graphs require
+        for _ in range(3):
+            _bare_step(model, x, y, opt, amp, device, cache=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    for _ in range(5):
+        graph.replay()
+    engine.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    engine.sync(device)
+    seconds = time.perf_counter() - t0
+    print(f"bare step captured in one CUDA graph: {seconds / steps * 1000:.2f} ms/step "
+          f"(loss {loss.item():.3f}, finite: {bool(torch.isfinite(loss))})")
+    return seconds
+
+
+def dynamo_summary() -> dict:
+    """torch.compile's counters in this process: graphs compiled, graph breaks."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    stats = {k: int(v) for k, v in counters["stats"].items()}
+    breaks = {k[:80]: int(v) for k, v in counters["graph_break"].items()}
+    print(f"torch.compile: {stats}; graph breaks: {sum(breaks.values())} {breaks if breaks else ''}")
+    return {"stats": stats, "graph_breaks": breaks}
