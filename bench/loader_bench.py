@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_profile, also when loaded by path
 
 import torch  # noqa: E402
 
@@ -171,11 +172,16 @@ def main(argv=None):
 
     import torchvision
 
-    t_ours = t_input = t_compute = t_metrics = float("inf")
+    t_ours = t_input = t_compute = t_metrics = t_nograph = float("inf")
+    graphs = engine.graph_allowed(engine.TrainConfig(**cfg), device, loss_fn=None, hooks=())
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike
         torch.manual_seed(0)
         t_ours = min(t_ours, timed_fit(get_model(args.model, info.num_classes).to(device), ours, cfg,
                                        args.steps, args.warmup))
+        if graphs:  # the same loop with its step launched op by op
+            torch.manual_seed(0)
+            t_nograph = min(t_nograph, timed_fit(get_model(args.model, info.num_classes).to(device), ours,
+                                                 {**cfg, "cuda_graph": False}, args.steps, args.warmup))
         t_input = min(t_input, input_pipeline_seconds(ours, args.steps, device))
         torch.manual_seed(0)
         t_compute = min(t_compute, compute_only_seconds(get_model(args.model, info.num_classes).to(device),
@@ -194,7 +200,12 @@ def main(argv=None):
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"model {args.model}, batch {args.batch_size}, bf16 autocast {amp}, steps {args.steps}, "
           f"fastest of {args.repeats}")
-    print(f"ours      : {n_img / t_ours:9.1f} images/s  ({t_ours / args.steps * 1000:.1f} ms/step)")
+    print(f"ours      : {n_img / t_ours:9.1f} images/s  ({t_ours / args.steps * 1000:.1f} ms/step)"
+          + (", the step as one CUDA graph" if graphs else ""))
+    if graphs:
+        print(f"  without the CUDA graph: {n_img / t_nograph:9.1f} images/s  ({t_nograph / args.steps * 1000:.1f} ms/step)")
+        figures.update(cuda_graph=True, nograph_images_per_s=n_img / t_nograph,
+                       nograph_ms_per_step=t_nograph / args.steps * 1000)
     print(f"  input pipeline (batching + augmentation + normalisation): "
           f"{t_input / args.steps * 1000:.2f} ms/step = {100 * t_input / t_ours:.2f} % of step time")
     print(f"  loop metrics (loss/accuracy accumulation): {t_metrics / args.steps * 1000:.3f} ms/step = "
@@ -242,7 +253,7 @@ def profile(args, ours, cfg: dict, info, device, ms_per_step: float) -> dict:
     torch.manual_seed(0)
     model = make_model()
     engine.fit(model, ours, engine.TrainConfig(**{**cfg, "steps": args.warmup}), desc="warmup")
-    jobs = {"fit": lambda: step_profile.profile_fit(model, ours, cfg, args.profile_steps, ms_per_step, device)}
+    jobs = {}
     if args.compile:
         jobs["dynamo"] = step_profile.dynamo_summary
     else:  # the bare-step variants run eager: measured once, in the eager run
@@ -250,6 +261,10 @@ def profile(args, ours, cfg: dict, info, device, ms_per_step: float) -> dict:
                                                                 args.warmup, device)
         jobs["cuda_graph_s"] = lambda: step_profile.graphed_compute_seconds(make_model(), next(iter(ours)), cfg,
                                                                             args.steps, device)
+        if device.type == "cuda":
+            jobs["graph_check"] = lambda: step_profile.graph_check(make_model, ours, cfg, args.profile_steps + 10)
+    # last: once the profiler has run, CUPTI slows every later launch in this process
+    jobs["fit"] = lambda: step_profile.profile_fit(model, ours, cfg, args.profile_steps, ms_per_step, device)
     for name, job in jobs.items():
         try:
             out[name] = job()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 import metrics as MX  # noqa: E402
 import unlearning  # noqa: E402
 from cli import add_runtime_args, run_main, setup_runtime  # noqa: E402
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-thr", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 20 steps of each: where the masked step's extra time goes")
     add_runtime_args(p)
     return p
 
@@ -79,9 +83,41 @@ def main(argv=None) -> int:
     print(f"{args.model} on {device}: an epoch of rl_split {out['rl_epoch_s']:.3f} s, of salun (masked) "
           f"{out['salun_epoch_s']:.3f} s: the mask costs {cost:.1f} % of an epoch (target <= 5 %); "
           f"computing the mask {mask_seconds:.3f} s")
+    if args.profile:
+        out["profile"] = profile_steps(model, plain, masked, device)
     if args.json:
         write_json(args.json, out)
     return 0
+
+
+def profile_steps(model, plain, masked, device, steps: int = 20) -> dict:
+    """torch.profiler over `steps` steps of rl_split and of salun: host calls, kernels and
+    the operators whose time the mask adds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out, tables = {}, {}
+    for name, setup in (("rl_split", plain), ("salun", masked)):
+        setup = dataclasses.replace(setup, train=dataclasses.replace(setup.train, steps=steps))
+        with profile(activities=acts) as prof:
+            timed_unlearn(model, name, setup)
+        ka = prof.key_averages()
+        cpu = {e.key: e for e in ka if e.device_type == torch.autograd.DeviceType.CPU}
+        kernels = [e for e in ka if e.device_type != torch.autograd.DeviceType.CPU]
+        out[name] = {"aten_calls_per_step": sum(e.count for k, e in cpu.items() if k.startswith("aten::")) / steps,
+                     "kernels_per_step": sum(e.count for e in kernels) / steps,
+                     "kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / 1000 / steps}
+        tables[name] = cpu
+    extra = sorted(((k, (e.count - (tables["rl_split"][k].count if k in tables["rl_split"] else 0)) / steps,
+                     (e.self_cpu_time_total - (tables["rl_split"][k].self_cpu_time_total
+                                               if k in tables["rl_split"] else 0)) / 1000 / steps)
+                    for k, e in tables["salun"].items()), key=lambda r: -r[2])[:12]
+    out["salun_extra_ops"] = [{"op": k[:80], "calls_per_step": c, "cpu_ms_per_step": t} for k, c, t in extra]
+    print(f"profile, {steps} steps each: rl_split {out['rl_split']}; salun {out['salun']}")
+    print("  what salun's step adds (host calls/step, self CPU ms/step):")
+    for r in out["salun_extra_ops"]:
+        print(f"    {r['calls_per_step']:7.1f}  {r['cpu_ms_per_step']:7.3f}  {r['op']}")
+    return out
 
 
 if __name__ == "__main__":

@@ -147,6 +147,30 @@ def graphed_compute_seconds(model, batch, cfg: dict, steps: int, device) -> floa
     return seconds
 
 
+def graph_check(make_model, stream, cfg: dict, steps: int) -> dict:
+    """`steps` steps of engine.fit from the same weights with the step replayed as a CUDA
+    graph and launched op by op: the training loss and the largest weight difference."""
+    runs = {}
+    for name, graph in (("graph", True), ("eager", False), ("eager again", False)):
+        torch.manual_seed(0)
+        model = make_model()
+        hist = engine.fit(model, stream, engine.TrainConfig(**{**cfg, "steps": steps, "cuda_graph": graph}),
+                          desc=f"check {name}")
+        runs[name] = (hist[-1]["train_loss"], [p.detach().float() for p in model.parameters()])
+    def largest_diff(x, y):
+        return max(float((a - b).abs().max()) for a, b in zip(runs[x][1], runs[y][1]))
+
+    out = {"steps": steps, "graph_loss": runs["graph"][0], "eager_loss": runs["eager"][0],
+           "eager_again_loss": runs["eager again"][0], "max_weight_diff": largest_diff("graph", "eager"),
+           "eager_vs_eager_diff": largest_diff("eager again", "eager"),
+           "max_weight": max(float(b.abs().max()) for b in runs["eager"][1])}
+    print(f"CUDA graph against op by op, {steps} steps from the same weights: training loss "
+          f"{out['graph_loss']:.5f} vs {out['eager_loss']:.5f} (op by op again: {out['eager_again_loss']:.5f}); "
+          f"largest weight difference {out['max_weight_diff']:.2e} (op by op twice: {out['eager_vs_eager_diff']:.2e}; "
+          f"largest weight {out['max_weight']:.2f})")
+    return out
+
+
 def dynamo_summary() -> dict:
     """torch.compile's counters in this process: graphs compiled, graph breaks."""
     try:

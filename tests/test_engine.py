@@ -1,3 +1,5 @@
+import contextlib
+import copy
 import math
 
 import pytest
@@ -99,3 +101,93 @@ def test_checkpoint_round_trip_and_safety(tmp_path):
         engine.load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(UserError, match="does not exist"):
         engine.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cuda_graph_only_where_the_step_allows_it():
+    cuda, cfg = torch.device("cuda"), engine.TrainConfig()
+    assert "cuda_graph" not in engine.TrainConfig.recipe_fields()  # how to run, not what is trained
+    assert engine.graph_allowed(cfg, cuda, loss_fn=None, hooks=(None, None))
+    assert not engine.graph_allowed(cfg, torch.device("cpu"), loss_fn=None, hooks=(None, None))
+    assert not engine.graph_allowed(cfg, cuda, loss_fn=engine.cross_entropy_loss, hooks=(None, None))
+    assert not engine.graph_allowed(cfg, cuda, loss_fn=None, hooks=(None, lambda m: None))
+    for changed in ({"cuda_graph": False}, {"compile": True}, {"optimizer": "adam"}):
+        assert not engine.graph_allowed(engine.TrainConfig(**changed), cuda, loss_fn=None, hooks=())
+
+
+class FakeGraph:
+    """A CUDA graph's contract on the CPU: capturing changes nothing; a replay runs the step
+    again and writes its outputs into the captured ones (gradients written, not added)."""
+
+    replays = 0
+
+    def replay(self):
+        FakeGraph.replays += 1
+        self.owner.optimizer.zero_grad(set_to_none=True)
+        for old, new in zip(self.out, self.owner.step()):
+            old.copy_(new.detach())
+
+
+def fake_capture(graph, step):
+    owner = step.__self__
+    saved = (copy.deepcopy(owner.model.state_dict()), copy.deepcopy(owner.optimizer.state_dict()),
+             torch.get_rng_state())
+    out = tuple(t.detach().clone() for t in step())
+    owner.model.load_state_dict(saved[0])
+    owner.optimizer.load_state_dict(saved[1])
+    torch.set_rng_state(saved[2])
+    owner.optimizer.zero_grad(set_to_none=True)
+    graph.owner, graph.out = owner, out
+    return out
+
+
+class FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """engine.fit's CUDA-graph path run on the CPU through FakeGraph."""
+    monkeypatch.setattr(engine, "graph_allowed", lambda cfg, device, loss_fn, hooks: cfg.cuda_graph
+                        and loss_fn is None and all(h is None for h in hooks))
+    monkeypatch.setattr(engine, "capture", fake_capture)
+    monkeypatch.setattr(FakeGraph, "replays", 0)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+def graph_run(cuda_graph: bool, resume_path=None, crash_after=None):
+    torch.manual_seed(0)
+    model = get_model("small_vgg", 4)  # dropout: the RNG must advance as without the graph
+    loader = BatchLoader(tiny_split(n=58), batch_size=16, shuffle=True, seed=0, augment=Augment())
+    cfg = engine.TrainConfig(epochs=3, lr=0.05, schedule="linear", warmup=0.2, grad_clip=5.0,
+                             label_smoothing=0.1, cuda_graph=cuda_graph)
+
+    def crash(epoch, record):
+        if crash_after is not None and epoch == crash_after:
+            raise KeyboardInterrupt
+
+    return model, engine.fit(model, loader, cfg, resume_path=resume_path, on_epoch_end=crash)
+
+
+def test_the_graphed_step_trains_exactly_as_the_eager_loop(cpu_graphs, tmp_path):
+    # 58 images in batches of 16: three full batches replayed (after 3 warm-up steps), the
+    # last of 10 eagerly; the learning rate a tensor the schedule fills from step 4 on
+    plain, plain_hist = graph_run(False)
+    assert FakeGraph.replays == 0
+    graphed, hist = graph_run(True)
+    assert FakeGraph.replays == 6  # epoch 1 warms up; epochs 2 and 3 replay their full batches
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in plain_hist]
+    assert all(isinstance(h["lr"], float) for h in hist)
+    for (k, a), b in zip(plain.state_dict().items(), graphed.state_dict().values()):
+        assert torch.equal(a, b), k
+    # and a graphed run stopped after epoch 2 resumes to the same weights (its lr was a tensor)
+    state = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        graph_run(True, resume_path=state, crash_after=2)
+    resumed, _ = graph_run(True, resume_path=state)
+    for (k, a), b in zip(plain.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
