@@ -368,7 +368,8 @@ class GraphedStep:
 def capture(graph, step: Callable):
     """Record what `step()` launches into `graph` (recorded, not run) and return its outputs,
     the tensors every replay writes to."""
-    with torch.cuda.graph(graph):
+    # thread_local: a DataLoader's pin-memory thread may call CUDA meanwhile, harmlessly
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         return step()
 
 
