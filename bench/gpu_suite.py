@@ -16,17 +16,18 @@ and writes docs/gpu.md (device, versions, each part's figures and seconds) and d
 rewritten after every step, so a run cut short still reports what it finished. Every part
 drives the project's own scripts (generated experiment lists for main.py) as subprocesses.
 
-    python bench/gpu_suite.py                                    # about 9 min on one H100
+    python bench/gpu_suite.py                                    # about 13.5 min on one H200
+    python bench/gpu_suite.py --budget 540                       # 9 min: parts past it are cut
     python bench/gpu_suite.py --data-npz .gpu/data.npz --report $OUT/gpu.md   # bench/GPU.md
     python bench/gpu_suite.py --parts a b --part-budget a=120
     python bench/gpu_suite.py --tiny                             # tiny data, a CPU, < 2 min (CI)
 
-Budgets (seconds, one H100) are in bench/gpu_parts.py. A part gets the smaller of its own
-budget and what is left of the total (`--budget`); a step still running at the part's end is
-stopped (its process group) and the part reported as cut, with whatever it had written; a
-part for which less than half its budget is left is skipped and says so. `--tiny` runs the
-same parts on 40 training and 20 test images per class (sliced from DATA_ROOT, else
-synthetic) with SmallCNN and an epoch or less each.
+Budgets (seconds: what each part took on an H200, docs/gpu.md) are in bench/gpu_parts.py.
+A part gets the smaller of its own budget and what is left of the total (`--budget`); a step
+still running at the part's end is stopped (its process group) and the part reported as cut,
+with whatever it had written; a part for which less than half its budget is left is skipped
+and says so. `--tiny` runs the same parts on 40 training and 20 test images per class (sliced
+from DATA_ROOT, else synthetic) with SmallCNN and an epoch or less each.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", nargs="+", choices=list(PARTS), default=[], help="parts not to run")
     p.add_argument("--tiny", action="store_true", help="tiny data, SmallCNN: the same code on a CPU in minutes")
     p.add_argument("--budget", type=float, default=None,
-                   help="total seconds (default: the data step plus the chosen parts' budgets; 540 for a to g)")
+                   help="total seconds (default: the data step plus the chosen parts' budgets; 810 for a to g)")
     p.add_argument("--part-budget", action="append", default=[], metavar="PART=SECONDS",
                    help="one part's budget (repeatable), e.g. c=150")
     p.add_argument("--data-npz", default=None,

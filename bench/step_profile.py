@@ -8,7 +8,7 @@ plain figures, and none of them changes how the project trains:
   fill the step: what is left to remove is kernels, named in the table) or launch-bound
   (the GPU waits for Python and the dispatcher: CUDA graphs or fewer, fused kernels help).
 - `optimizer_ab`: the bare compute step with torch's foreach optimizer against the fused
-  one (`engine.make_optimizer`'s default on CUDA).
+  one (what engine.fit uses inside its CUDA graph).
 - `graphed_compute_seconds`: the same bare step captured whole in one CUDA graph (forward,
   loss, backward, optimizer), the floor a step reaches without any launch overhead.
 - `dynamo_summary`: torch.compile's graph and graph-break counts (recompiles show here).

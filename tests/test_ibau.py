@@ -235,3 +235,12 @@ def test_auto_projection_follows_the_models_input():
     assert bd.resolve_projection("end", "smallcnn") == "end"
     assert bd.resolve_projection("step", "small_vgg") == "step"
     assert bd.IBAUConfig().projection == "auto"
+
+
+def test_ibau_rounds_run_in_full_float32_and_leave_the_flags_as_they_were():
+    import backdoor_defense as bd
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    with bd.full_float32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
