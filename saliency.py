@@ -111,19 +111,23 @@ _BITS = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: 
 class MaskConstraint:
     """The hard saliency constraint for one model (see the module docstring).
 
-    Each of its three updates is one foreach call over every constrained parameter, not a
-    loop of small kernels: on a GPU the per-parameter loop (about 250 launches a step for
-    ResNet-18) cost SalUn 30 % of an epoch. The restore clamps the parameters' bits, read as
-    integers, into [lo, hi]: the full integer range where a coordinate may change, [p0, p0]
-    where it is frozen, so kept and restored coordinates are the exact bits (signed zeros,
-    infinities and NaNs included; tests/test_saliency.py compares with the where + copy)."""
+    Each of its updates is one foreach call over every constrained parameter, not a loop of
+    small kernels: on a GPU the per-parameter loop (about 250 launches a step for ResNet-18)
+    cost SalUn 30 % of an epoch. The restore works on the parameters' bits, read as integers:
+    bits * keep + frozen, with keep 1 where a coordinate may change (0 where frozen) and
+    frozen its original bits where frozen (0 elsewhere), so kept and restored coordinates are
+    the exact bits (signed zeros, infinities and NaNs included; tests/test_saliency.py
+    compares with the where + copy). Integer multiply and add, because torch's foreach
+    clamps send integer lists to their per-tensor path on CUDA (`division_op` in
+    ForeachBinaryOpList.cu): the earlier clamp-based restore cost 112 launches a step on an
+    H200 (docs/gpu.md), while foreach mul and add take the one-launch path for integers."""
 
     def __init__(self, model: nn.Module, mask: dict[str, torch.Tensor]):
         own = dict(model.named_parameters())
         unknown = [n for n in mask if n not in own]
         if unknown:
             raise UserError(f"mask entry {unknown[0]} is not a parameter of this model")
-        self.params, self.keep, self.lo, self.hi = [], [], [], []
+        self.params, self.keep, self.keep_bits, self.frozen = [], [], [], []
         for name, p in own.items():
             m = mask.get(name)
             if m is None:
@@ -139,8 +143,8 @@ class MaskConstraint:
             p0 = p.detach().view(bits)
             self.params.append(p)
             self.keep.append(m.to(p.dtype))  # 1.0 / 0.0: multiplying by it is mul_(bool mask)
-            self.lo.append(torch.where(m, torch.iinfo(bits).min, p0))
-            self.hi.append(torch.where(m, torch.iinfo(bits).max, p0))
+            self.keep_bits.append(m.to(bits))
+            self.frozen.append(torch.where(m, 0, p0))
         self.ids = {id(p) for p in self.params}
         self._where: list | None = None  # (data_ptr, stride) of each parameter when _bits was built
         self._bits: list[torch.Tensor] = []
@@ -156,10 +160,10 @@ class MaskConstraint:
         for i, p in enumerate(self.params):
             if self.keep[i].stride() != p.stride():
                 self.keep[i] = torch.empty_like(p).copy_(self.keep[i])
-                like = p.detach().view(self.lo[i].dtype)
-                self.lo[i] = torch.empty_like(like).copy_(self.lo[i])
-                self.hi[i] = torch.empty_like(like).copy_(self.hi[i])
-        self._bits = [p.detach().view(lo.dtype) for p, lo in zip(self.params, self.lo)]
+                like = p.detach().view(self.frozen[i].dtype)
+                self.keep_bits[i] = torch.empty_like(like).copy_(self.keep_bits[i])
+                self.frozen[i] = torch.empty_like(like).copy_(self.frozen[i])
+        self._bits = [p.detach().view(f.dtype) for p, f in zip(self.params, self.frozen)]
         self._where = where
 
     @torch.no_grad()
@@ -174,8 +178,8 @@ class MaskConstraint:
     def restore(self, model=None) -> None:
         if self.params:
             self._follow_storage()
-            torch._foreach_maximum_(self._bits, self.lo)
-            torch._foreach_minimum_(self._bits, self.hi)
+            torch._foreach_mul_(self._bits, self.keep_bits)
+            torch._foreach_add_(self._bits, self.frozen)
 
     @torch.no_grad()
     def clear_buffers(self, optimizer, *_args) -> None:
