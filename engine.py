@@ -167,7 +167,9 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
     counter, parameters outside the model): saved and restored with the resume state.
     A NaN or infinite loss or weight raises `Diverged`, checked where the loop waits for
     the device anyway (every `log_every` steps, and at the end of each epoch before the
-    weights are evaluated or saved): no extra sync per step.
+    weights are evaluated or saved): no extra sync per step. On CUDA the default-loss step
+    without hooks is replayed as one CUDA graph (GraphedStep; `cfg.cuda_graph=False` keeps
+    it eager); the numbers are the eager loop's.
     """
     given_loss = loss_fn
     if loss_fn is None:
@@ -280,9 +282,10 @@ def graph_allowed(cfg: TrainConfig, device: torch.device, *, loss_fn, hooks) -> 
 class GraphedStep:
     """Forward, loss, backward, gradient clipping and the optimizer step, captured once in a
     CUDA graph and replayed for every batch of the captured shape (a smaller last batch runs
-    eagerly). On a GPU that small a model leaves launch-bound (ResNet-18 at batch 512: 457
-    kernels and ~1,300 host-side calls a step, the GPU busy 69 % of it; docs/gpu.md), one
-    replay instead of the launches takes the step to its kernels' time.
+    eagerly). A model this small can leave a GPU waiting for the host: ResNet-18 at batch 512
+    on an H200 launched 457 kernels from ~1,300 host-side calls a step, and the GPU was busy
+    69 % of it on one host (docs/gpu.md); one replay instead takes the step to its kernels'
+    time whatever the host (91 % busy; on a faster host the eager step had matched it).
 
     The first WARMUP steps run eagerly (cuDNN picks its kernels, the momentum buffers come
     to exist); then the step is captured. The learning rate becomes a device tensor that the

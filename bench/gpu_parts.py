@@ -171,7 +171,7 @@ def loader_steps(ctx: Context) -> list:
     base = ["bench/loader_bench.py", "--model", ctx.scale.model, *ctx.scale.loader, "--profile"]
     steps = [Step("loader bench, eager", [*base, "--json", str(ctx.out("a", "loader_eager.json"))]),
              Step("mask cost", ["bench/mask_bench.py", "--model", ctx.scale.model, *ctx.scale.mask,
-                                "--json", str(ctx.out("a", "mask.json"))])]
+                                "--profile", "--json", str(ctx.out("a", "mask.json"))])]
     if ctx.scale.compile:  # last: its compilation is the longest and the likeliest to be cut
         steps.append(Step("loader bench, --compile", [*base, "--compile", "--skip-standard", "--repeats", "1",
                                                       "--json", str(ctx.out("a", "loader_compile.json"))]))
