@@ -89,39 +89,6 @@ def input_pipeline_seconds(loader, steps, device):
     return time.perf_counter() - t0
 
 
-def compute_only_seconds(model, batch, cfg: dict, steps: int, warmup: int) -> float:
-    """Forward + loss + backward + optimizer + scheduler step on one resident batch: what
-    engine.fit's step costs without input pipeline, metrics or logging."""
-    device = next(model.parameters()).device
-    tc = engine.TrainConfig(**{**cfg, "steps": steps})
-    amp = engine.resolve_amp(tc.amp, device)
-    x, y = batch.x, batch.y
-    if device.type == "cuda" if tc.channels_last is None else tc.channels_last:
-        model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    fwd = torch.compile(model) if tc.compile else model
-    opt = engine.make_optimizer(model.parameters(), tc)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_multiplier(tc, steps, steps))
-    model.train()
-
-    def step():
-        with engine.autocast(device, amp):
-            loss = torch.nn.functional.cross_entropy(fwd(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-
-    for _ in range(warmup):
-        step()
-    engine.sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    engine.sync(device)
-    return time.perf_counter() - t0
-
-
 def metrics_seconds(batch_size: int, num_classes: int, steps: int, device) -> float:
     """engine.fit's per-step bookkeeping (loss, correct, seen accumulated on the device)."""
     logits = torch.randn(batch_size, num_classes, device=device)
@@ -184,7 +151,7 @@ def main(argv=None):
                                                  {**cfg, "cuda_graph": False}, args.steps, args.warmup))
         t_input = min(t_input, input_pipeline_seconds(ours, args.steps, device))
         torch.manual_seed(0)
-        t_compute = min(t_compute, compute_only_seconds(get_model(args.model, info.num_classes).to(device),
+        t_compute = min(t_compute, step_profile.bare_step_seconds(get_model(args.model, info.num_classes).to(device),
                                                         next(iter(ours)), cfg, args.steps, args.warmup))
         t_metrics = min(t_metrics, metrics_seconds(args.batch_size, info.num_classes, args.steps, device))
     figures = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"

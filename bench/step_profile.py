@@ -72,7 +72,7 @@ def profile_fit(model, stream, cfg: dict, steps: int, ms_per_step: float, device
 
 
 def _bare_step(model, x, y, opt, amp: bool, device, cache: bool = True):
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=cache):
+    with engine.autocast(device, amp, cache=cache):
         loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -88,25 +88,38 @@ def _resident(model, batch, device, channels_last: bool):
     return x, y
 
 
+def bare_step_seconds(model, batch, cfg: dict, steps: int, warmup: int, fused: bool = False) -> float:
+    """Forward + loss + backward + optimizer + scheduler step on one resident batch, launched
+    op by op: what engine.fit's step costs without input pipeline, metrics or logging."""
+    device = next(model.parameters()).device
+    tc = engine.TrainConfig(**{**cfg, "steps": steps})
+    amp = engine.resolve_amp(tc.amp, device)
+    x, y = _resident(model, batch, device, device.type == "cuda" if tc.channels_last is None else tc.channels_last)
+    fwd = torch.compile(model) if tc.compile else model
+    opt = engine.make_optimizer(model.parameters(), tc, fused=fused)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, engine.lr_multiplier(tc, steps, steps))
+    model.train()
+
+    def step():
+        _bare_step(fwd, x, y, opt, amp, device)
+        sched.step()
+
+    for _ in range(warmup):
+        step()
+    engine.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    engine.sync(device)
+    return time.perf_counter() - t0
+
+
 def optimizer_ab(make_model, batch, cfg: dict, steps: int, warmup: int, device) -> dict:
     """Seconds of `steps` bare steps with the foreach optimizer, then with the fused one."""
-    tc = engine.TrainConfig(**cfg)
-    amp = engine.resolve_amp(tc.amp, device)
     out = {}
     for name, fused in (("foreach", False), ("fused", True)):
         torch.manual_seed(0)
-        model = make_model()
-        x, y = _resident(model, batch, device, device.type == "cuda")
-        opt = engine.make_optimizer(model.parameters(), tc, fused=fused)
-        model.train()
-        for _ in range(warmup):
-            _bare_step(model, x, y, opt, amp, device)
-        engine.sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            _bare_step(model, x, y, opt, amp, device)
-        engine.sync(device)
-        out[name] = time.perf_counter() - t0
+        out[name] = bare_step_seconds(make_model(), batch, {**cfg, "compile": False}, steps, warmup, fused=fused)
     print(f"optimizer (bare step, {steps} steps): foreach {out['foreach'] / steps * 1000:.2f} ms/step, "
           f"fused {out['fused'] / steps * 1000:.2f} ms/step")
     return out
@@ -128,12 +141,8 @@ def graphed_compute_seconds(model, batch, cfg: dict, steps: int, device) -> floa
             _bare_step(model, x, y, opt, amp, device, cache=False)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+    opt.zero_grad(set_to_none=True)  # the gradients live in the graph's memory
+    loss = engine.capture(graph, lambda: _bare_step(model, x, y, opt, amp, device, cache=False))
     for _ in range(5):
         graph.replay()
     engine.sync(device)
