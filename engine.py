@@ -138,6 +138,15 @@ class Chain:
                 yield tag, batch
 
 
+class Concat(Chain):
+    """Several streams one after the other each epoch, untagged: for a loss that does not
+    ask where a batch came from (then fit may graph the step)."""
+
+    def __iter__(self):
+        for _tag, batch in super().__iter__():
+            yield batch
+
+
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -168,8 +177,8 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
     A NaN or infinite loss or weight raises `Diverged`, checked where the loop waits for
     the device anyway (every `log_every` steps, and at the end of each epoch before the
     weights are evaluated or saved): no extra sync per step. On CUDA the default-loss step
-    without hooks is replayed as one CUDA graph (GraphedStep; `cfg.cuda_graph=False` keeps
-    it eager); the numbers are the eager loop's.
+    (with no hooks, or `graph_safe` ones) is replayed as one CUDA graph (GraphedStep;
+    `cfg.cuda_graph=False` keeps it eager); the numbers are the eager loop's.
     """
     given_loss = loss_fn
     if loss_fn is None:
@@ -200,7 +209,7 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     graphed = GraphedStep(forward_model, optimizer, loss_fn, amp, trainable, cfg.grad_clip,
-                          channels_last) if graphs else None
+                          channels_last, hooks=(model, after_backward, after_step)) if graphs else None
 
     for epoch in range(start_epoch, epochs):
         model.train(cfg.train_mode)
@@ -214,7 +223,7 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
                    desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         for item in bar:
             if graphed is not None and graphed.fits(item):
-                loss, logits, labels = graphed(item)
+                loss, logits, labels = graphed(item)  # after_step is in the graph
                 scheduler.step()
             else:
                 if channels_last:
@@ -230,8 +239,8 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
                         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                     optimizer.step()
                 scheduler.step()
-            if after_step is not None:
-                after_step(model)
+                if after_step is not None:
+                    after_step(model)
             loss_sum += loss.detach().float()
             n_items += 1
             if logits is not None:
@@ -273,15 +282,28 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
 
 def graph_allowed(cfg: TrainConfig, device: torch.device, *, loss_fn, hooks) -> bool:
     """Whether fit may replay its step as a CUDA graph: on CUDA, one process, eager, for the
-    default loss with no hooks and fused SGD. A method's own loss or hooks may draw random
-    labels, count steps in Python or wait for the device, none of which a graph replays."""
-    return (cfg.cuda_graph and device.type == "cuda" and loss_fn is None and all(h is None for h in hooks)
+    default loss with fused SGD, and hooks only where marked `graph_safe`. A method's own
+    loss or other hooks may draw random labels, count steps in Python or wait for the
+    device, none of which a graph replays."""
+    return (cfg.cuda_graph and device.type == "cuda" and loss_fn is None
+            and all(h is None or getattr(h, "graph_safe", False) for h in hooks)
             and cfg.optimizer == "sgd" and not cfg.compile and distributed.world_size() == 1)
 
 
+def graph_safe(hook: Callable) -> Callable:
+    """`hook`, marked as one a CUDA graph may capture and replay: it launches device work
+    only, the same every step (no host sync, no Python state that changes from step to step,
+    no new tensors kept across steps). SalUn's mask hooks are (saliency.MaskConstraint)."""
+    @functools.wraps(hook)
+    def marked(model):
+        return hook(model)
+    marked.graph_safe = True
+    return marked
+
+
 class GraphedStep:
-    """Forward, loss, backward, gradient clipping and the optimizer step, captured once in a
-    CUDA graph and replayed for every batch of the captured shape (a smaller last batch runs
+    """Forward, loss, backward, gradient clipping and the optimizer step (with fit's hooks
+    where they are `graph_safe`: SalUn's mask), captured once in a CUDA graph and replayed for every batch of the captured shape (a smaller last batch runs
     eagerly). A model this small can leave a GPU waiting for the host: ResNet-18 at batch 512
     on an H200 launched 457 kernels from ~1,300 host-side calls a step, and the GPU was busy
     69 % of it on one host (docs/gpu.md); one replay instead takes the step to its kernels'
@@ -296,8 +318,9 @@ class GraphedStep:
     WARMUP = 3
 
     def __init__(self, model, optimizer, loss_fn, amp: bool, params, grad_clip: float | None,
-                 channels_last: bool):
+                 channels_last: bool, hooks=(None, None, None)):
         self.model, self.optimizer, self.loss_fn, self.amp = model, optimizer, loss_fn, amp
+        self.owner, self.after_backward, self.after_step = hooks  # graph_safe hooks, on the bare model
         self.params, self.grad_clip, self.channels_last = params, grad_clip, channels_last
         self.graph, self.failed, self.eager_steps, self.side, self.shape = None, False, 0, None, None
 
@@ -337,9 +360,13 @@ class GraphedStep:
         with autocast(self.x.device, self.amp, cache=False):
             out = self.loss_fn(self.model, self.item)
         out[0].backward()
+        if self.after_backward is not None:
+            self.after_backward(self.owner)
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step(self.owner)
         return out
 
     def _capture(self, item) -> bool:

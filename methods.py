@@ -37,7 +37,7 @@ from constants import UserError
 from datasets import Batch, Split
 from models import last_k_blocks
 from training import PreparedData, cached_model, make_loader, test_indices_without_class, train_classifier
-from unlearning import (EpochTracker, Paired, RandomLabels, Setup, StepCount, cross_entropy, eval_loader,
+from unlearning import (EpochTracker, Paired, RandomLabels, Relabelled, Setup, StepCount, cross_entropy, eval_loader,
                         forget_loader, forget_membership, frozen_copy, register, retain_loader,
                         train, union_loader)
 from views import TrainingView
@@ -67,15 +67,8 @@ def rl_split(model: nn.Module, s: Setup) -> nn.Module:
 
 def _rl_split(model: nn.Module, s: Setup, desc: str) -> nn.Module:
     relabel = RandomLabels(s.num_classes, s.seed, s.device)
-
-    def loss_fn(m, item):
-        tag, batch = item
-        y = relabel(len(batch.y)) if tag == "forget" else batch.y
-        logits = m(batch.x)
-        return F.cross_entropy(logits, y), logits, y
-
-    stream = engine.Chain(forget=forget_loader(s), retain=retain_loader(s))
-    train(model, s, stream, loss_fn, state=(relabel,), desc=desc)
+    stream = engine.Concat(forget=Relabelled(forget_loader(s), relabel), retain=retain_loader(s))
+    train(model, s, stream, cross_entropy, state=(relabel,), desc=desc)
     return model
 
 

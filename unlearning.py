@@ -318,6 +318,25 @@ class RandomLabels:
         self.gen.set_state(state["gen"])
 
 
+class Relabelled:
+    """A stream whose batches carry fresh random labels (RandomLabels), drawn as each batch
+    is handed out, in the order the loss drew them before: the step itself stays the plain
+    cross-entropy step, which fit can replay as one CUDA graph."""
+
+    def __init__(self, stream, relabel: RandomLabels):
+        self.stream, self.relabel = stream, relabel
+
+    def __len__(self):
+        return len(self.stream)
+
+    def set_epoch(self, epoch):
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.stream:
+            yield batch._replace(y=self.relabel(len(batch.y)))
+
+
 class StepCount:
     """Optimizer steps a method counts itself (salun_soft's decaying share), kept in the
     resume state."""
@@ -376,6 +395,10 @@ def train(model: nn.Module, s: Setup, stream, loss_fn, *, extra_params=(), state
     (`Setup.resume_path`) so that a resumed run gives the uninterrupted run's numbers."""
     cfg = s.train_config(**cfg_overrides)
     params, frozen = trainable(model, int(s.params.get("k", -1)))
+    if loss_fn is cross_entropy and not frozen:
+        # the engine's default loss without smoothing is this one, and lets fit replay the
+        # step as one CUDA graph (engine.GraphedStep)
+        loss_fn, cfg = None, dataclasses.replace(cfg, label_smoothing=0.0)
     if frozen:
         inner = loss_fn
 
@@ -389,19 +412,28 @@ def train(model: nn.Module, s: Setup, stream, loss_fn, *, extra_params=(), state
         p.requires_grad_(False)
     try:
         with mask_constraint(model, s.mask) as constraint:
-            def step_hook(m):
-                if after_step is not None:
-                    after_step(m)
-                if constraint is not None:
-                    constraint.restore(m)  # last: the hard constraint wins
-
+            after_backward, step_hook = None, after_step
+            if constraint is not None:  # device work only: a CUDA graph may hold it
+                after_backward = engine.graph_safe(constraint.mask_grads)
+                step_hook = restore_after(after_step, constraint)
             return engine.fit(model, stream, cfg, loss_fn=loss_fn, params=list(params) + list(extra_params),
-                              after_backward=constraint.mask_grads if constraint else None,
-                              after_step=step_hook, resume_path=s.resume_path,
+                              after_backward=after_backward, after_step=step_hook, resume_path=s.resume_path,
                               extra_state=Carried(extra_params, state), desc=desc)
     finally:
         for p in still:
             p.requires_grad_(True)
+
+
+def restore_after(after_step: Callable | None, constraint) -> Callable:
+    """The step hook under a saliency mask: the method's own hook, then the restore (last:
+    the hard constraint wins)."""
+    if after_step is None:
+        return engine.graph_safe(constraint.restore)
+
+    def step_hook(m):
+        after_step(m)
+        constraint.restore(m)
+    return step_hook
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

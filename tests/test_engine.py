@@ -110,6 +110,7 @@ def test_cuda_graph_only_where_the_step_allows_it():
     assert not engine.graph_allowed(cfg, torch.device("cpu"), loss_fn=None, hooks=(None, None))
     assert not engine.graph_allowed(cfg, cuda, loss_fn=engine.cross_entropy_loss, hooks=(None, None))
     assert not engine.graph_allowed(cfg, cuda, loss_fn=None, hooks=(None, lambda m: None))
+    assert engine.graph_allowed(cfg, cuda, loss_fn=None, hooks=(None, engine.graph_safe(lambda m: None)))
     for changed in ({"cuda_graph": False}, {"compile": True}, {"optimizer": "adam"}):
         assert not engine.graph_allowed(engine.TrainConfig(**changed), cuda, loss_fn=None, hooks=())
 
@@ -148,8 +149,9 @@ class FakeStream:
 @pytest.fixture
 def cpu_graphs(monkeypatch):
     """engine.fit's CUDA-graph path run on the CPU through FakeGraph."""
-    monkeypatch.setattr(engine, "graph_allowed", lambda cfg, device, loss_fn, hooks: cfg.cuda_graph
-                        and loss_fn is None and all(h is None for h in hooks))
+    allowed = engine.graph_allowed  # what it decides on CUDA
+    monkeypatch.setattr(engine, "graph_allowed", lambda cfg, device, loss_fn, hooks: allowed(
+        cfg, torch.device("cuda"), loss_fn=loss_fn, hooks=hooks))
     monkeypatch.setattr(engine, "capture", fake_capture)
     monkeypatch.setattr(FakeGraph, "replays", 0)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)

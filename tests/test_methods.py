@@ -8,6 +8,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import engine
 import dataclasses
 
+from test_engine import FakeGraph, cpu_graphs  # noqa: F401 — the CPU stand-in for a CUDA graph
+
 import saliency as S
 import unlearning as M
 from constants import UserError
@@ -212,3 +214,28 @@ def test_last_k_layers_only_move(base):
         same = torch.equal(p.detach(), before[n])
         assert same == (not n.startswith("linear")), n
     assert torch.equal(m.conv1[0][1].running_mean, bn_before)  # frozen units stay in eval mode
+
+
+@pytest.mark.parametrize("name", ["salun", "rl_split", "ft"])
+def test_rl_salun_and_ft_steps_replay_as_one_graph_with_the_eager_numbers(base, cpu_graphs, monkeypatch, name):
+    # RL's random labels are drawn as the batches are handed out and SalUn's mask hooks are
+    # graph_safe, so on CUDA these steps replay as one CUDA graph (here the CPU stand-in):
+    # same weights as the eager loop (with the graph's fused SGD), frozen coordinates untouched
+    model, data = base
+    runs = []
+    for warmup in (10 ** 9, engine.GraphedStep.WARMUP):  # never captured / captured
+        monkeypatch.setattr(engine.GraphedStep, "WARMUP", warmup)
+        FakeGraph.replays = 0
+        s = setup_for(data, momentum=0.9, weight_decay=5e-4)
+        m = copy.deepcopy(model)
+        if M.METHODS[name].forces_mask:
+            s.mask = mask_for(m, s, 0.5)
+        runs.append((M.unlearn(m, name, s), FakeGraph.replays))
+    (eager, none), (graphed, replays) = runs
+    assert none == 0 and replays >= 3
+    for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert torch.equal(a, b), k
+    if name == "salun":
+        frozen = {n: ~s.mask[n].bool() for n in s.mask}
+        for n, p in graphed.named_parameters():
+            assert torch.equal(p.detach()[frozen[n]], dict(model.named_parameters())[n].detach()[frozen[n]]), n
