@@ -229,7 +229,9 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
                 if channels_last:
                     item = _to_channels_last(item)
                 with graphed.warming() if graphed is not None else contextlib.nullcontext():
-                    with autocast(device, amp):
+                    # the graph's autocast keeps no cast cache; so do its warm-up steps, lest
+                    # torch.compile meet a new autocast state, and recompile, while capturing
+                    with autocast(device, amp, cache=graphed is None):
                         loss, logits, labels = loss_fn(forward_model, item)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -281,13 +283,14 @@ def fit(model: nn.Module, stream, cfg: TrainConfig, *, loss_fn: Callable | None 
 
 
 def graph_allowed(cfg: TrainConfig, device: torch.device, *, loss_fn, hooks) -> bool:
-    """Whether fit may replay its step as a CUDA graph: on CUDA, one process, eager, for the
-    default loss with fused SGD, and hooks only where marked `graph_safe`. A method's own
+    """Whether fit may replay its step as a CUDA graph: on CUDA, one process, for the default
+    loss with fused SGD, and hooks only where marked `graph_safe`. Under `compile` the graph
+    holds the compiled kernels (compiled during the eager warm-up steps). A method's own
     loss or other hooks may draw random labels, count steps in Python or wait for the
     device, none of which a graph replays."""
     return (cfg.cuda_graph and device.type == "cuda" and loss_fn is None
             and all(h is None or getattr(h, "graph_safe", False) for h in hooks)
-            and cfg.optimizer == "sgd" and not cfg.compile and distributed.world_size() == 1)
+            and cfg.optimizer == "sgd" and distributed.world_size() == 1)
 
 
 def graph_safe(hook: Callable) -> Callable:

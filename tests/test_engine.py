@@ -111,7 +111,8 @@ def test_cuda_graph_only_where_the_step_allows_it():
     assert not engine.graph_allowed(cfg, cuda, loss_fn=engine.cross_entropy_loss, hooks=(None, None))
     assert not engine.graph_allowed(cfg, cuda, loss_fn=None, hooks=(None, lambda m: None))
     assert engine.graph_allowed(cfg, cuda, loss_fn=None, hooks=(None, engine.graph_safe(lambda m: None)))
-    for changed in ({"cuda_graph": False}, {"compile": True}, {"optimizer": "adam"}):
+    assert engine.graph_allowed(engine.TrainConfig(compile=True), cuda, loss_fn=None, hooks=())
+    for changed in ({"cuda_graph": False}, {"optimizer": "adam"}):
         assert not engine.graph_allowed(engine.TrainConfig(**changed), cuda, loss_fn=None, hooks=())
 
 
@@ -161,12 +162,12 @@ def cpu_graphs(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
 
 
-def graph_run(cuda_graph: bool, resume_path=None, crash_after=None):
+def graph_run(cuda_graph: bool, resume_path=None, crash_after=None, compile=False):
     torch.manual_seed(0)
     model = get_model("small_vgg", 4)  # dropout: the RNG must advance as without the graph
     loader = BatchLoader(tiny_split(n=58), batch_size=16, shuffle=True, seed=0, augment=Augment())
     cfg = engine.TrainConfig(epochs=3, lr=0.05, schedule="linear", warmup=0.2, grad_clip=5.0,
-                             label_smoothing=0.1, cuda_graph=cuda_graph)
+                             label_smoothing=0.1, cuda_graph=cuda_graph, compile=compile)
 
     def crash(epoch, record):
         if crash_after is not None and epoch == crash_after:
@@ -192,4 +193,22 @@ def test_the_graphed_step_trains_exactly_as_the_eager_loop(cpu_graphs, tmp_path)
         graph_run(True, resume_path=state, crash_after=2)
     resumed, _ = graph_run(True, resume_path=state)
     for (k, a), b in zip(plain.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_compiled_step_is_graphed_after_compiling_in_the_warm_up(cpu_graphs, monkeypatch):
+    # under --compile the warm-up steps compile the model and the graph holds the compiled
+    # step (aot_eager: dynamo and AOT autograd without a C++ toolchain, quickly); the same
+    # weights as the compiled step run eagerly (a capture that never comes)
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compile_(m, backend="aot_eager"))
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine.GraphedStep, "WARMUP", 10 ** 9)
+    eager, eager_hist = graph_run(True, compile=True)
+    assert FakeGraph.replays == 0
+    monkeypatch.setattr(engine.GraphedStep, "WARMUP", 3)
+    graphed, hist = graph_run(True, compile=True)
+    assert FakeGraph.replays == 6
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in eager_hist]
+    for (k, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         assert torch.equal(a, b), k
