@@ -16,17 +16,18 @@ and writes docs/gpu.md (device, versions, each part's figures and seconds) and d
 rewritten after every step, so a run cut short still reports what it finished. Every part
 drives the project's own scripts (generated experiment lists for main.py) as subprocesses.
 
-    python bench/gpu_suite.py                                    # about 13.5 min on one H200
-    python bench/gpu_suite.py --budget 540                       # 9 min: parts past it are cut
+    python bench/gpu_suite.py                                    # 9 min at most (540 s)
+    python bench/gpu_suite.py --budget 420                       # 7 min: parts past it are cut
     python bench/gpu_suite.py --data-npz .gpu/data.npz --report $OUT/gpu.md   # bench/GPU.md
     python bench/gpu_suite.py --parts a b --part-budget a=120
     python bench/gpu_suite.py --tiny                             # tiny data, a CPU, < 2 min (CI)
 
-Budgets (seconds: what each part took on an H200, docs/gpu.md) are in bench/gpu_parts.py.
-A part gets the smaller of its own budget and what is left of the total (`--budget`); a step
-still running at the part's end is stopped (its process group) and the part reported as cut,
-with whatever it had written; a part for which less than half its budget is left is skipped
-and says so. `--tiny` runs the same parts on 40 training and 20 test images per class (sliced
+Budgets (seconds on an H200, docs/gpu.md) are in bench/gpu_parts.py. A part ends when the
+budgets up to and including its own run out, so it may use what earlier parts left, and at
+the latest when the total (`--budget`) does; a step still running then is stopped (its process
+group) and the part reported as cut, with whatever it had written; a part with less than half
+its budget left is skipped and says so. Steps of one `together` group (part (e)'s four models,
+part (g)'s two lists) run side by side on the GPU. `--tiny` runs the same parts on 40 training and 20 test images per class (sliced
 from DATA_ROOT, else synthetic) with SmallCNN and an epoch or less each.
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", nargs="+", choices=list(PARTS), default=[], help="parts not to run")
     p.add_argument("--tiny", action="store_true", help="tiny data, SmallCNN: the same code on a CPU in minutes")
     p.add_argument("--budget", type=float, default=None,
-                   help="total seconds (default: the data step plus the chosen parts' budgets; 810 for a to g)")
+                   help="total seconds (default: the data step plus the chosen parts' budgets; 540 for a to g)")
     p.add_argument("--part-budget", action="append", default=[], metavar="PART=SECONDS",
                    help="one part's budget (repeatable), e.g. c=150")
     p.add_argument("--data-npz", default=None,
@@ -158,20 +159,32 @@ def unpack_step(npz: Path, root: Path) -> Step | None:
 # --- running steps -------------------------------------------------------------------------------
 
 class Suite:
-    def __init__(self, args, ctx: Context, budgets: dict, total: float, report: Path, env: dict, argv: list):
+    def __init__(self, args, ctx: Context, budgets: dict, keys: list, total: float, report: Path, env: dict,
+                 argv: list):
         self.args, self.ctx, self.budgets, self.total = args, ctx, budgets, total
         self.report, self.env, self.argv = report, env, argv
         self.t0 = time.monotonic()
         self.started = time.strftime("%Y-%m-%d %H:%M:%S")
         self.machine: dict = {}
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
         self.state = "running"
+        self.plan: dict[str, float] = {}  # part -> when its budget runs out, earlier parts' savings included
+        end = budgets["data"]
+        for key in keys:
+            end += budgets[key]
+            self.plan[key] = end
 
     def left(self) -> float:
         return self.total - (time.monotonic() - self.t0)
 
-    def command(self, step: Step) -> list[str]:
-        runtime = ["-NL"] + (["--threads", str(self.args.threads)] if self.args.threads else [])
+    def part_deadline(self, key: str) -> float:
+        """A part ends when the budgets up to and including its own run out (so it may use
+        what the parts before it left unused), and at the latest when the total does."""
+        return self.t0 + min(self.plan[key], self.total)
+
+    def command(self, step: Step, side_by_side: int = 1) -> list[str]:
+        threads = self.args.threads or (max(1, (os.cpu_count() or 1) // side_by_side) if side_by_side > 1 else None)
+        runtime = ["-NL"] + (["--threads", str(threads)] if threads else [])
         return [sys.executable, *step.argv, *(runtime if step.runtime else [])]
 
     def shown(self, argv: list[str]) -> str:
@@ -179,42 +192,62 @@ class Suite:
         return text.replace(str(self.ctx.work), "$WORK").replace(str(ROOT) + "/", "")
 
     def run_step(self, step: Step, part: str, into: list, deadline: float) -> dict:
-        """Run one step until it ends or `deadline`; its record goes into `into` first, so an
-        interrupted suite still lists it."""
-        argv = self.command(step)
-        log = self.ctx.work / "logs" / f"{part}_{len(into)}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        rec = {"name": step.name, "command": self.shown(argv), "log": str(log), "status": "running", "started": t0}
-        into.append(rec)
-        with open(log, "w") as f:
-            self.proc = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # its own group: a cut stops its workers
-            try:
-                rc = self.proc.wait(timeout=max(1.0, deadline - t0))
-                rec.update(status="done" if rc == 0 else "failed", rc=rc)
-            except subprocess.TimeoutExpired:
-                rec.update(status="cut", rc=None)
-            finally:
-                self.stop_child()
-        rec["seconds"] = time.monotonic() - rec.pop("started")
-        if rec["status"] == "failed":
-            rec["tail"] = log.read_text(errors="replace").splitlines()[-15:]
-        return rec
+        return self.run_steps([step], part, into, deadline)[0]
+
+    def run_steps(self, steps: list, part: str, into: list, deadline: float) -> list[dict]:
+        """Run `steps` side by side (one: alone) until each ends or `deadline`; their records
+        go into `into` first, so an interrupted suite still lists them."""
+        recs, logs = [], []
+        try:
+            for step in steps:
+                argv = self.command(step, len(steps))
+                log = self.ctx.work / "logs" / f"{part}_{len(into)}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                rec = {"name": step.name, "command": self.shown(argv), "log": str(log), "status": "running",
+                       "started": time.monotonic()}
+                if len(steps) > 1:
+                    rec["side_by_side"] = len(steps)
+                into.append(rec)
+                recs.append(rec)
+                logs.append(open(log, "w"))
+                self.procs.append(subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=logs[-1],
+                                                   stderr=subprocess.STDOUT,
+                                                   start_new_session=True))  # its group: a cut stops its workers
+            running = dict(zip(map(id, recs), zip(recs, list(self.procs))))
+            end = max(deadline, time.monotonic() + 1.0)
+            while running:  # each step's seconds end when it does, not when the others do
+                for key, (rec, proc) in list(running.items()):
+                    rc = proc.poll()
+                    if rc is None and time.monotonic() < end:
+                        continue
+                    rec.update(status="cut" if rc is None else "done" if rc == 0 else "failed", rc=rc)
+                    rec["seconds"] = time.monotonic() - rec.pop("started")
+                    del running[key]
+                time.sleep(0.05)
+        finally:
+            self.stop_child()
+            for f in logs:
+                f.close()
+        for rec in recs:
+            if rec["status"] == "failed":
+                rec["tail"] = Path(rec["log"]).read_text(errors="replace").splitlines()[-15:]
+        return recs
 
     def stop_child(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
+        """Stop every step still running (its process group)."""
+        procs, self.procs = self.procs, []
+        for proc in procs:
+            if proc.poll() is not None:
                 continue
-            except ProcessLookupError:
-                return
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+                except ProcessLookupError:
+                    break
 
     # --- the data step and the parts ----------------------------------------------------------
 
@@ -242,27 +275,28 @@ class Suite:
 
     def run_part(self, key: str) -> None:
         part = PARTS[key]
-        budget = min(self.budgets[key], self.left())
+        t0 = time.monotonic()
+        deadline = self.part_deadline(key)
+        budget = deadline - t0
         rec = {"title": part.title, "status": "running", "budget_s": self.budgets[key], "steps": [],
                "figures": {}, "markdown": "", "note": ""}
         self.ctx.results[key] = rec
         if budget < 0.5 * self.budgets[key]:
             rec.update(status="skipped", seconds=0.0,
-                       note=f"skipped: {max(0.0, self.left()):.0f} s of the total budget left, the part's budget "
+                       note=f"skipped: {max(0.0, budget):.0f} s of the budget left for it, its own budget "
                             f"is {self.budgets[key]:.0f} s")
             self.write()
             return
-        t0 = rec["started"] = time.monotonic()
-        deadline = t0 + budget
+        rec["started"] = t0
         steps = part.steps(self.ctx)
         if not steps:
             rec["note"] = "nothing to run here (its inputs are absent)"
-        for step in steps:
+        for group in side_by_side(steps):
             if time.monotonic() >= deadline:
-                rec["steps"].append({"name": step.name, "command": self.shown(self.command(step)),
-                                     "status": "skipped", "seconds": 0.0})
+                rec["steps"] += [{"name": step.name, "command": self.shown(self.command(step)),
+                                  "status": "skipped", "seconds": 0.0} for step in group]
                 continue
-            self.run_step(step, key, rec["steps"], deadline)
+            self.run_steps(group, key, rec["steps"], deadline)
             rec["seconds"] = time.monotonic() - t0
             self.collect(key)
             self.write()
@@ -291,6 +325,18 @@ class Suite:
             "elapsed_s": elapsed, "budget_s": self.total, "machine": self.machine, "work": str(self.ctx.work),
             "parts": self.ctx.results})
         write_text_atomic(self.report, render(self, elapsed))
+
+
+def side_by_side(steps: list) -> list[list]:
+    """The steps in runs: consecutive steps of one `together` group run side by side, the
+    others alone."""
+    groups: list[list] = []
+    for step in steps:
+        if groups and step.together and groups[-1][-1].together == step.together:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
 
 
 def fmt_s(v) -> str:
@@ -361,7 +407,7 @@ def main(argv=None) -> int:
         root = work / "data"  # sliced from the data above by Suite.prepare_data
     report = Path(args.report or (work / "gpu.md" if args.tiny else ROOT / "docs" / "gpu.md")).resolve()
     ctx = Context(tiny=args.tiny, scale=scale, work=work, data_root=root, results={})
-    suite = Suite(args, ctx, budgets, total, report, child_env(ctx), sys.argv[1:] if argv is None else list(argv))
+    suite = Suite(args, ctx, budgets, keys, total, report, child_env(ctx), sys.argv[1:] if argv is None else list(argv))
 
     def interrupt(signum, frame):
         raise Interrupted()

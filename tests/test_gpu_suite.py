@@ -1,6 +1,7 @@
 """bench/gpu_suite.py --tiny: every part runs on tiny data on a CPU and lands in the report
 (about 1.5 min on a 2-core CPU); the data travel through pack_data.py's archive where the
-tool is there; a part over its budget is cut and says so; bad flags give one error line."""
+tool is there; a part over its budget is cut and says so, one with time to spare leaves it to
+the next, grouped steps run side by side; bad flags give one error line."""
 import importlib.util
 import json
 import math
@@ -106,12 +107,48 @@ def test_tiny_suite_reports_every_part(tmp_path):
     assert all(f"## ({k})" in md for k in DEFAULT_PARTS) and "torchvision" in md
 
 
-def test_a_part_over_its_budget_is_cut_and_reported(tmp_path):
-    code, report, out = suite(tmp_path, "--parts", "ref", "--part-budget", "ref=1")
-    assert code == 0, out
-    ref = report["parts"]["ref"]
-    assert ref["status"] == "cut" and ref["steps"][0]["status"] == "cut" and "cut at its budget" in ref["note"]
-    assert "| ref |" in (tmp_path / "gpu.md").read_text()
+def fake_suite(tmp: Path, monkeypatch, parts: dict, budgets: dict, total=None):
+    """A Suite over stand-in parts whose steps sleep: {key: [(seconds, together), ...]}."""
+    gpu_suite = load_suite()
+    from gpu_parts import Context, Part, Step, TINY
+
+    def steps_of(spec):
+        return lambda ctx: [Step(f"sleep {t}", ["-c", f"import time; time.sleep({t})"], runtime=False,
+                                 together=together) for t, together in spec]
+
+    monkeypatch.setattr(gpu_suite, "PARTS", {k: Part(k, f"part {k}", steps_of(v), lambda ctx, runs: ({}, ""))
+                                             for k, v in parts.items()})
+    ctx = Context(tiny=True, scale=TINY, work=tmp, data_root=tmp, results={})
+    args = gpu_suite.build_parser().parse_args(["--tiny"])
+    budgets = {"data": 0.0, **budgets}
+    total = sum(budgets.values()) if total is None else total
+    suite = gpu_suite.Suite(args, ctx, budgets, list(parts), total, tmp / "gpu.md", dict(os.environ), [])
+    for key in parts:
+        suite.run_part(key)
+    return ctx.results
+
+
+def test_a_step_past_its_part_budget_is_cut_and_a_part_with_no_time_left_skipped(tmp_path, monkeypatch):
+    res = fake_suite(tmp_path, monkeypatch, {"x": [(60, None), (0, None)], "y": [(0, None)]},
+                     {"x": 2.0, "y": 4.0}, total=3.0)
+    x, y = res["x"], res["y"]
+    assert x["status"] == "cut" and "cut at its budget" in x["note"]
+    assert [s["status"] for s in x["steps"]] == ["cut", "skipped"] and x["seconds"] < 15
+    assert y["status"] == "skipped" and "its own budget is 4" in y["note"]  # the total ran out
+    assert "| x |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_a_part_may_use_what_earlier_parts_left(tmp_path, monkeypatch):
+    # x ends at once: y's 4 s step fits in the 1 s of its own budget plus x's 5 unused
+    res = fake_suite(tmp_path, monkeypatch, {"x": [(0, None)], "y": [(4, None)]}, {"x": 5.0, "y": 1.0})
+    assert res["x"]["status"] == "done" and res["y"]["status"] == "done"
+
+
+def test_steps_of_one_group_run_side_by_side(tmp_path, monkeypatch):
+    res = fake_suite(tmp_path, monkeypatch, {"x": [(3, "g"), (3, "g"), (0, None)]}, {"x": 60.0})
+    x = res["x"]
+    assert x["status"] == "done" and [s.get("side_by_side") for s in x["steps"]] == [2, 2, None]
+    assert x["seconds"] < 5.5  # two 3 s steps together, not one after the other
 
 
 @pytest.mark.parametrize("argv, message", [
