@@ -178,12 +178,16 @@ class _Conv2dExplicitBackward(torch.autograd.Function):
             extra = [x.shape[2 + i] - size[i] for i in range(2)]  # strides that dropped pixels
             g_x = F.conv_transpose2d(g_out, weight, None, stride, padding, extra, groups, dilation)
         if ctx.needs_input_grad[1]:
-            g_w = torch.ops.aten.convolution_backward(
-                g_out, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [False, True, False])[1]
+            g_w = conv_weight_grad(g_out, x, weight, stride, padding, dilation, groups)
         if has_bias and ctx.needs_input_grad[2]:
             g_b = g_out.sum((0, 2, 3))
         return g_x, g_w, g_b, None, None, None, None
+
+
+def conv_weight_grad(g_out, x, weight, stride, padding, dilation, groups):
+    """The weight gradient of F.conv2d (aten's convolution_backward, weight only)."""
+    return torch.ops.aten.convolution_backward(g_out, x, weight, None, stride, padding, dilation, False,
+                                               [0, 0], groups, [False, True, False])[1]
 
 
 def _conv2d_explicit(conv, x):

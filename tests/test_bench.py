@@ -57,3 +57,41 @@ def test_loader_bench(tiny_env, capsys, one_thread):
                                       "--workers", "0", "--epoch", "--threads", "1", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "outside model compute" in out and "one epoch measured" in out and "speed-up" in out
+
+
+def test_ibau_precision_rounds_to_tf32_and_puts_everything_back():
+    import torch
+    import torch.nn.functional as F
+
+    import engine
+    import ibau
+
+    bench = load("ibau_precision")
+    ulp = 2.0 ** -10  # TF32's spacing above 1
+    x = torch.tensor([1.0, 1 + ulp, 1 + ulp / 4, 1 + 3 * ulp / 4, -(1 + 3 * ulp / 4), 3.0e-3], requires_grad=True)
+    r = bench.tf32_round(x)
+    assert r[:5].tolist() == [1.0, 1 + ulp, 1.0, 1 + ulp, -(1 + ulp)]
+    assert abs(r[5].item() - 3.0e-3) <= 3.0e-3 * 2 ** -11 and r[5].item() != 3.0e-3
+    r.sum().backward()
+    assert x.grad.tolist() == [1.0] * 6  # straight-through
+    assert bench.tf32_round(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+
+    before = (F.conv2d, F.conv_transpose2d, ibau.conv_weight_grad, torch.set_flush_denormal, engine.predict)
+    g = torch.Generator().manual_seed(0)
+    img, w = torch.randn(2, 3, 8, 8, generator=g), torch.randn(4, 3, 3, 3, generator=g)
+    exact = F.conv2d(img, w)
+    with bench.gpu_habits("all", keep_denormals=True, eval_bf16=True):
+        rounded = F.conv2d(img, w)
+        assert ibau.conv_weight_grad is not before[2] and engine.predict is not before[4]
+    diff = (rounded - exact).abs().max().item()
+    assert 0 < diff < 1e-2 * exact.abs().max().item()
+    assert (F.conv2d, F.conv_transpose2d, ibau.conv_weight_grad, torch.set_flush_denormal, engine.predict) == before
+
+
+@pytest.mark.parametrize("argv, message", [(["--tf32", "all"], "after `--`"),
+                                           (["--", "--poi-path", "m.pt"], "--device cpu")])
+def test_ibau_precision_says_what_to_pass(argv, message):
+    from constants import UserError
+
+    with pytest.raises(UserError, match=message):
+        load("ibau_precision").main(argv)
