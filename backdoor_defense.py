@@ -340,9 +340,10 @@ def make_outer_optimizer(params, optimizer: str, lr: float) -> torch.optim.Optim
 @contextmanager
 def full_float32():
     """TF32 off (cuDNN turns it on for convolutions by default): I-BAU's inner maximisation and
-    fixed-point hypergradient are what the CPU computes, in float32. On an H200 with TF32 the
-    release CIFAR-10 model kept 90 % ASR over 4 rounds where the CPU's float32 run of the
-    same seed falls to 0.1 % (docs/gpu.md); whether TF32 alone explains it is not measured."""
+    fixed-point hypergradient compute what the CPU computes, in float32. On an H200 with TF32
+    the release CIFAR-10 model kept ~90 % ASR where the CPU reaches 0.1 %; TF32 emulated on
+    the CPU (bench/ibau_precision.py) does not reproduce that (docs/ibau.md), so this keeps the
+    arithmetic alike rather than being the known fix."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

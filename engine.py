@@ -2,8 +2,11 @@
 
 Methods differ in their data stream, their loss and which parameters move; all of them
 train through `fit`. A stream is anything with `__len__`, `set_epoch(e)` and `__iter__`
-(a `datasets.BatchLoader`, or a `Chain` of them); `loss_fn(model, item)` turns one item
-into `(loss, logits, labels)` (logits/labels may be None when accuracy means nothing).
+(a `datasets.BatchLoader`, or a `Chain` / `Concat` of them); `loss_fn(model, item)` turns
+one item into `(loss, logits, labels)` (logits/labels may be None when accuracy means
+nothing). On CUDA the default-loss step, with hooks marked `graph_safe`, is replayed as one
+CUDA graph (`GraphedStep`), which is why a method whose loss is plain cross-entropy passes
+none (unlearning.train does that for it).
 """
 from __future__ import annotations
 
