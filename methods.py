@@ -45,16 +45,9 @@ from views import TrainingView
 @register("rl", summary="DeepDive RL: shuffled retain + forget, forget samples relabelled at random",
           source="SalUn_DeepDive methods.py `rl`")
 def rl(model: nn.Module, s: Setup) -> nn.Module:
-    is_forget = forget_membership(s)
     relabel = RandomLabels(s.num_classes, s.seed, s.device)
-
-    def loss_fn(m, batch: Batch):
-        sel = is_forget[batch.idx]
-        y = torch.where(sel, relabel(len(batch.y)), batch.y)
-        logits = m(batch.x)
-        return F.cross_entropy(logits, y), logits, y
-
-    train(model, s, union_loader(s), loss_fn, state=(relabel,), desc="rl")
+    stream = Relabelled(union_loader(s), relabel, only=forget_membership(s))
+    train(model, s, stream, cross_entropy, state=(relabel,), desc="rl")
     return model
 
 

@@ -321,10 +321,11 @@ class RandomLabels:
 class Relabelled:
     """A stream whose batches carry fresh random labels (RandomLabels), drawn as each batch
     is handed out, in the order the loss drew them before: the step itself stays the plain
-    cross-entropy step, which fit can replay as one CUDA graph."""
+    cross-entropy step, which fit can replay as one CUDA graph. `only`: a boolean membership
+    over the training set; then only its members are relabelled (DeepDive's RL)."""
 
-    def __init__(self, stream, relabel: RandomLabels):
-        self.stream, self.relabel = stream, relabel
+    def __init__(self, stream, relabel: RandomLabels, only: torch.Tensor | None = None):
+        self.stream, self.relabel, self.only = stream, relabel, only
 
     def __len__(self):
         return len(self.stream)
@@ -334,7 +335,10 @@ class Relabelled:
 
     def __iter__(self):
         for batch in self.stream:
-            yield batch._replace(y=self.relabel(len(batch.y)))
+            y = self.relabel(len(batch.y))
+            if self.only is not None:
+                y = torch.where(self.only[batch.idx], y, batch.y)
+            yield batch._replace(y=y)
 
 
 class StepCount:

@@ -216,7 +216,7 @@ def test_last_k_layers_only_move(base):
     assert torch.equal(m.conv1[0][1].running_mean, bn_before)  # frozen units stay in eval mode
 
 
-@pytest.mark.parametrize("name", ["salun", "rl_split", "ft"])
+@pytest.mark.parametrize("name", ["salun", "rl_split", "rl", "ft"])
 def test_rl_salun_and_ft_steps_replay_as_one_graph_with_the_eager_numbers(base, cpu_graphs, monkeypatch, name):
     # RL's random labels are drawn as the batches are handed out and SalUn's mask hooks are
     # graph_safe, so on CUDA these steps replay as one CUDA graph (here the CPU stand-in):
