@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     o.add_argument("--lr", type=float, default=0.1)
     o.add_argument("--momentum", type=float, default=0.9)
+    o.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD; the fast recipe's)")
     o.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=5e-4)
     o.add_argument("--schedule", choices=["cosine", "multistep", "linear", "constant"], default="multistep")
     o.add_argument("--milestones", default=None,
@@ -262,8 +263,11 @@ def train_config(args) -> engine.TrainConfig:
             raise UserError(f"--milestones must be comma-separated integers, got '{args.milestones}'") from None
     if not 0 <= args.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
+        raise UserError("--nesterov needs --optimizer sgd and a positive --momentum")
     return engine.TrainConfig(epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
                               optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                              nesterov=args.nesterov,
                               weight_decay=args.weight_decay, schedule=args.schedule,
                               milestones=milestones, warmup=args.warmup,
                               augment=not args.no_augment, label_smoothing=args.label_smoothing,

@@ -355,13 +355,17 @@ def render(suite: Suite, elapsed: float) -> str:
     rows = [{"part": k, "what": r["title"], "status": r["status"], "seconds": fmt_s(r.get("seconds")),
              "budget (s)": f"{r['budget_s']:.0f}"} for k, r in results.items()]
     lines += [markdown_table(rows, ["part", "what", "status", "seconds", "budget (s)"])]
-    fast, ref = results.get("b", {}).get("figures", {}), results.get("ref", {}).get("figures", {})
-    ref_acc = (f"{fmt(ref.get('test_acc'))} % in {fmt_s(ref.get('train_s'))} s" if ref.get("test_acc") is not None
-               else "not run (`--parts ref`: about 5 min on an H100)")
+    fast = results.get("b", {}).get("figures", {})
+    long, ref = results.get("long", {}).get("figures", {}), results.get("ref", {}).get("figures", {})
+
+    def trained(fig, part, minutes):
+        return (f"{fmt(fig.get('test_acc'))} % in {fmt_s(fig.get('train_s'))} s" if fig.get("test_acc") is not None
+                else f"not run (`--parts {part}`: about {minutes} on an H100)")
     lines += ["## The fast recipe against SalUn's 182-epoch recipe", "",
               f"- `resnet18_fast` (exp/resnet18_fast.json): {fmt(fast.get('test_acc'))} % test accuracy, "
               f"{fmt_s(fast.get('train_s'))} s of training (with per-epoch evaluation)",
-              f"- SalUn's 182 epochs (exp/table1_classwise.json's base): {ref_acc}", ""]
+              f"- the same over {suite.ctx.scale.long_epochs} epochs: {trained(long, 'long', '1 min')}",
+              f"- SalUn's 182 epochs (exp/table1_classwise.json's base): {trained(ref, 'ref', '5 min')}", ""]
     for key, r in results.items():
         if key == "data":
             continue

@@ -107,6 +107,15 @@ def test_tiny_suite_reports_every_part(tmp_path):
     assert all(f"## ({k})" in md for k in DEFAULT_PARTS) and "torchvision" in md
 
 
+def test_the_longer_fast_recipe_part_trains_and_reports(tmp_path):
+    code, report, out = suite(tmp_path, "--parts", "long")
+    assert code == 0, out
+    long = report["parts"]["long"]
+    assert long["status"] == "done" and long["figures"]["epochs"] == 2 and 0 <= long["figures"]["test_acc"] <= 100
+    assert "--nesterov" in long["steps"][0]["command"]
+    assert "the same over 2 epochs: " in (tmp_path / "gpu.md").read_text()
+
+
 def fake_suite(tmp: Path, monkeypatch, parts: dict, budgets: dict, total=None):
     """A Suite over stand-in parts whose steps sleep: {key: [(seconds, together), ...]}."""
     gpu_suite = load_suite()

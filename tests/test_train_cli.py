@@ -27,9 +27,10 @@ def train(*args, check=True):
 
 def test_train_writes_checkpoint_index_file_and_results(tiny_env):
     out = tiny_env / "ck" / "m.pt"
-    train(*BASE, "--cf", "3", "--out", str(out))
+    train(*BASE, "--cf", "3", "--nesterov", "--out", str(out))
     sd, meta = engine.load_checkpoint(out)  # weights_only=True
     assert meta["model"] == "smallcnn" and meta["data"]["cf"] == 3 and meta["epochs_done"] == 2
+    assert meta["train"]["nesterov"] is True
     assert 0 <= meta["test_acc"] <= 100 and meta["n_forget"] == 36  # 40 per class minus val
     forget = json.loads((tiny_env / "ck" / "m_forget.json").read_text())["forget"]
     assert len(forget) == 36 and all(300 > i >= 120 for i in forget)  # class 3 of the full split
@@ -46,6 +47,7 @@ def test_train_writes_checkpoint_index_file_and_results(tiny_env):
     (["--itf", "/no/such.json"], "does not exist"),
     (["--milestones", "a,b", "--schedule", "multistep"], "--milestones must be"),
     (["--subset", "100000"], "--subset must be between"),
+    (["--nesterov", "--momentum", "0"], "--nesterov needs"),
 ])
 def test_bad_input_gives_one_clear_line(tiny_env, args, message):
     out = tiny_env / "bad.pt"
