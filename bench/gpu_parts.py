@@ -444,43 +444,34 @@ def corrective_collect(ctx: Context, runs: list) -> tuple:
     return figures, (note + "\n".join(parts)) if parts else "(nothing finished)\n"
 
 
-# --- (long) the fast recipe stretched over more of issue 15's 60 s ----------------------------------
+# --- (long), (ref): one train.py run each, the fast recipe stretched and SalUn's 182 epochs ------------
 
 def long_steps(ctx: Context) -> list:
     r = {**ctx.recipe(), "epochs": ctx.scale.long_epochs}
-    flags = ["--epochs", str(r["epochs"]), "--batch-size", str(r["batch_size"]), "--lr", str(r["lr"]),
-             "--momentum", str(r["momentum"]), "--wd", str(r["weight_decay"]), "--schedule", r["schedule"],
-             "--warmup", str(r["warmup"]), "--label-smoothing", str(r["label_smoothing"])]
     return [Step(f"train.py (the fast recipe, {r['epochs']} epochs)", [
-        "train.py", "--model", ctx.scale.model, *flags, *(["--nesterov"] if r.get("nesterov") else []),
-        "--out", str(ctx.work / "checkpoints" / "fast_long.pt")])]
+        "train.py", "--model", ctx.scale.model, *recipe_flags(r), "--out", str(ctx.work / "checkpoints" / "fast_long.pt")])]
 
-
-def long_collect(ctx: Context, runs: list) -> tuple:
-    res = read_json(ctx.out("train", "fast_long.json")) or {}
-    meta = res.get("meta", {})
-    figures = {"test_acc": meta.get("test_acc"), "train_s": meta.get("train_seconds_this_process"),
-               "epochs": meta.get("epochs_done")}
-    return figures, (f"`resnet18_fast` with {ctx.scale.long_epochs} epochs instead of 15 (train.py, the "
-                     f"same schedule stretched): test acc. {fmt(figures['test_acc'])} % after "
-                     f"{figures['epochs'] or 0} epochs, {fmt(figures['train_s'], 1)} s.\n")
-
-
-# --- (ref) SalUn's 182-epoch recipe --------------------------------------------------------------
 
 def ref_steps(ctx: Context) -> list:
     return [Step("train.py (SalUn's recipe)", ["train.py", *ctx.scale.ref,
                                                "--out", str(ctx.work / "checkpoints" / "ref182.pt")])]
 
 
-def ref_collect(ctx: Context, runs: list) -> tuple:
-    res = read_json(ctx.out("train", "ref182.json")) or {}
-    meta = res.get("meta", {})
-    figures = {"test_acc": meta.get("test_acc"), "train_s": meta.get("train_seconds_this_process"),
-               "epochs": meta.get("epochs_done")}
-    return figures, (f"SalUn's base recipe (train.py defaults: 182 epochs, batch 256, SGD lr 0.1, ×0.1 at "
-                     f"epochs 91 and 136): test acc. {fmt(figures['test_acc'])} % after "
-                     f"{figures['epochs'] or 0} epochs, {fmt(figures['train_s'], 1)} s.\n")
+def trained_collect(stem: str, what: Callable[[Context], str]) -> Callable:
+    """(figures, Markdown) of the train.py run whose checkpoint is `stem`.pt."""
+    def collect(ctx: Context, runs: list) -> tuple:
+        meta = (read_json(ctx.out("train", f"{stem}.json")) or {}).get("meta", {})
+        figures = {"test_acc": meta.get("test_acc"), "train_s": meta.get("train_seconds_this_process"),
+                   "epochs": meta.get("epochs_done")}
+        return figures, (f"{what(ctx)}: test acc. {fmt(figures['test_acc'])} % after {figures['epochs'] or 0} "
+                         f"epochs, {fmt(figures['train_s'], 1)} s.\n")
+    return collect
+
+
+long_collect = trained_collect("fast_long", lambda ctx: f"`resnet18_fast` with {ctx.scale.long_epochs} epochs "
+                                                        "instead of 15 (train.py, the same schedule stretched)")
+ref_collect = trained_collect("ref182", lambda ctx: "SalUn's base recipe (train.py defaults: 182 epochs, batch 256, "
+                                                    "SGD lr 0.1, ×0.1 at epochs 91 and 136)")
 
 
 PARTS = {p.key: p for p in [
