@@ -87,9 +87,8 @@ def salun_soft(model: nn.Module, s: Setup) -> nn.Module:
     params = [p for p in model.parameters()]
     theta0 = [p.detach().clone() for p in params]
     n_params = sum(p.numel() for p in params)
-    is_forget = forget_membership(s)
     relabel = RandomLabels(s.num_classes, s.seed, s.device)
-    stream = union_loader(s)
+    stream = Relabelled(union_loader(s), relabel, only=forget_membership(s))  # DeepDive's RL
     total = s.train.steps or s.train.epochs * len(stream)
     steps = StepCount()
 
@@ -105,12 +104,7 @@ def salun_soft(model: nn.Module, s: Setup) -> nn.Module:
         for p, p0, d in zip(params, theta0, diffs):
             p.copy_(torch.where(d > thr, p - thr, torch.where(d < -thr, p + thr, p0)))
 
-    def loss_fn(m, batch: Batch):
-        y = torch.where(is_forget[batch.idx], relabel(len(batch.y)), batch.y)
-        logits = m(batch.x)
-        return F.cross_entropy(logits, y), logits, y
-
-    train(model, s, stream, loss_fn, after_step=proximal, state=(relabel, steps), desc="salun_soft")
+    train(model, s, stream, cross_entropy, after_step=proximal, state=(relabel, steps), desc="salun_soft")
     return model
 
 
