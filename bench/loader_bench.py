@@ -8,8 +8,9 @@ the input pipeline differs:
 It also splits our step time: the input pipeline alone (batching, crop/flip, normalisation),
 the model compute alone (forward, backward and optimizer step on one resident batch, no
 bookkeeping), the loop's metrics alone (loss and accuracy accumulated on the device), and
-"outside model compute" = our full step minus the bare compute step. On CUDA (or with
---epoch) it also times one full training epoch through engine.fit.
+"outside model compute" = our full step minus the bare compute step (not under --compile,
+where each would compile once more). On CUDA (or with --epoch) it also times one full
+training epoch through engine.fit.
 
     python bench/loader_bench.py --model smallcnn --batch-size 256 --steps 40
     python bench/loader_bench.py --model resnet18 --batch-size 512 --steps 100   # on a GPU
@@ -141,18 +142,22 @@ def main(argv=None):
 
     t_ours = t_input = t_compute = t_metrics = t_nograph = float("inf")
     graphs = engine.graph_allowed(engine.TrainConfig(**cfg), device, loss_fn=None, hooks=())
+    # under --compile only the step as fit runs it: the op-by-op loop and the bare step would
+    # each compile again (another autocast state), minutes that tell nothing about the target
+    split_step = not args.compile
     for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all alike
         torch.manual_seed(0)
         t_ours = min(t_ours, timed_fit(get_model(args.model, info.num_classes).to(device), ours, cfg,
                                        args.steps, args.warmup))
-        if graphs:  # the same loop with its step launched op by op
+        if graphs and split_step:  # the same loop with its step launched op by op
             torch.manual_seed(0)
             t_nograph = min(t_nograph, timed_fit(get_model(args.model, info.num_classes).to(device), ours,
                                                  {**cfg, "cuda_graph": False}, args.steps, args.warmup))
         t_input = min(t_input, input_pipeline_seconds(ours, args.steps, device))
-        torch.manual_seed(0)
-        t_compute = min(t_compute, step_profile.bare_step_seconds(get_model(args.model, info.num_classes).to(device),
-                                                        next(iter(ours)), cfg, args.steps, args.warmup))
+        if split_step:
+            torch.manual_seed(0)
+            t_compute = min(t_compute, step_profile.bare_step_seconds(
+                get_model(args.model, info.num_classes).to(device), next(iter(ours)), cfg, args.steps, args.warmup))
         t_metrics = min(t_metrics, metrics_seconds(args.batch_size, info.num_classes, args.steps, device))
     figures = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or platform.machine(), "torch": torch.__version__,
@@ -160,16 +165,17 @@ def main(argv=None):
                "amp": amp, "compile": args.compile, "steps": args.steps, "repeats": args.repeats,
                "ours_ms_per_step": t_ours / args.steps * 1000, "ours_images_per_s": n_img / t_ours,
                "input_ms_per_step": t_input / args.steps * 1000, "input_pct": 100 * t_input / t_ours,
-               "metrics_ms_per_step": t_metrics / args.steps * 1000,
-               "compute_ms_per_step": t_compute / args.steps * 1000,
-               "outside_compute_pct": 100 * (t_ours - t_compute) / t_ours}
+               "metrics_ms_per_step": t_metrics / args.steps * 1000}
+    if split_step:
+        figures.update(compute_ms_per_step=t_compute / args.steps * 1000,
+                       outside_compute_pct=100 * (t_ours - t_compute) / t_ours)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
           f"model {args.model}, batch {args.batch_size}, bf16 autocast {amp}, steps {args.steps}, "
           f"fastest of {args.repeats}")
     print(f"ours      : {n_img / t_ours:9.1f} images/s  ({t_ours / args.steps * 1000:.1f} ms/step)"
-          + (", the step as one CUDA graph" if graphs else ""))
-    if graphs:
+          + (", the step as one CUDA graph" if graphs else "") + (", compiled" if args.compile else ""))
+    if graphs and split_step:
         print(f"  without the CUDA graph: {n_img / t_nograph:9.1f} images/s  ({t_nograph / args.steps * 1000:.1f} ms/step)")
         figures.update(cuda_graph=True, nograph_images_per_s=n_img / t_nograph,
                        nograph_ms_per_step=t_nograph / args.steps * 1000)
@@ -177,9 +183,10 @@ def main(argv=None):
           f"{t_input / args.steps * 1000:.2f} ms/step = {100 * t_input / t_ours:.2f} % of step time")
     print(f"  loop metrics (loss/accuracy accumulation): {t_metrics / args.steps * 1000:.3f} ms/step = "
           f"{100 * t_metrics / t_ours:.2f} % of step time")
-    print(f"  model compute alone (fwd+bwd+optimizer on one resident batch): {t_compute / args.steps * 1000:.1f} ms/step;"
-          f" outside model compute: {(t_ours - t_compute) / args.steps * 1000:.2f} ms/step = "
-          f"{100 * (t_ours - t_compute) / t_ours:.2f} % of step time")
+    if split_step:
+        print(f"  model compute alone (fwd+bwd+optimizer on one resident batch): {t_compute / args.steps * 1000:.1f} "
+              f"ms/step; outside model compute: {(t_ours - t_compute) / args.steps * 1000:.2f} ms/step = "
+              f"{100 * (t_ours - t_compute) / t_ours:.2f} % of step time")
     if not args.skip_standard:
         std_stream = DataLoaderStream(standard_loader(folder, args.batch_size, args.workers,
                                                       device.type == "cuda", info.mean, info.std), device)
