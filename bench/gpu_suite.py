@@ -27,8 +27,9 @@ budgets up to and including its own run out, so it may use what earlier parts le
 the latest when the total (`--budget`) does; a step still running then is stopped (its process
 group) and the part reported as cut, with whatever it had written; a part with less than half
 its budget left is skipped and says so. Steps of one `together` group (part (e)'s four models,
-part (g)'s two lists) run side by side on the GPU. `--tiny` runs the same parts on 40 training and 20 test images per class (sliced
-from DATA_ROOT, else synthetic) with SmallCNN and an epoch or less each.
+part (g)'s two lists) run side by side on the GPU. `--tiny` runs the same parts on 40 training
+and 20 test images per class (sliced from DATA_ROOT, else synthetic) with SmallCNN and an
+epoch or less each.
 """
 from __future__ import annotations
 
@@ -174,9 +175,6 @@ class Suite:
             end += budgets[key]
             self.plan[key] = end
 
-    def left(self) -> float:
-        return self.total - (time.monotonic() - self.t0)
-
     def part_deadline(self, key: str) -> float:
         """A part ends when the budgets up to and including its own run out (so it may use
         what the parts before it left unused), and at the latest when the total does."""
@@ -213,17 +211,17 @@ class Suite:
                 self.procs.append(subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=logs[-1],
                                                    stderr=subprocess.STDOUT,
                                                    start_new_session=True))  # its group: a cut stops its workers
-            running = dict(zip(map(id, recs), zip(recs, list(self.procs))))
+            running = list(zip(recs, self.procs))
             end = max(deadline, time.monotonic() + 1.0)
             while running:  # each step's seconds end when it does, not when the others do
-                for key, (rec, proc) in list(running.items()):
+                time.sleep(0.05)
+                for rec, proc in list(running):
                     rc = proc.poll()
                     if rc is None and time.monotonic() < end:
                         continue
                     rec.update(status="cut" if rc is None else "done" if rc == 0 else "failed", rc=rc)
                     rec["seconds"] = time.monotonic() - rec.pop("started")
-                    del running[key]
-                time.sleep(0.05)
+                    running.remove((rec, proc))
         finally:
             self.stop_child()
             for f in logs:
