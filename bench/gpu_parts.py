@@ -234,6 +234,11 @@ def loader_collect(ctx: Context, runs: list) -> tuple:
         ("SalUn's mask, % of an epoch (salun vs rl_split)", fmt(mask.get("mask_cost_pct")), "≤ 5 %"),
         ("computing the mask, s", fmt(mask.get("mask_compute_s"), 3), ""),
     ]
+    check = mask.get("graph_check")
+    if check:  # on CUDA: SalUn's step replayed as a graph against never captured (mask_bench.graph_check)
+        targets.append((f"SalUn as a CUDA graph vs never captured ({check['steps']} steps): largest weight "
+                        "difference; masked coordinates unchanged",
+                        f"{check['max_weight_diff']:.1e}; {check['masked_unchanged']}", "0; True"))
     md = table([{"figure": a, "measured": b, "target": c} for a, b, c in targets], ["figure", "measured", "target"])
     prof = profile_md(eager, comp)
     return figures, md + ("\nWhat stands in the way (`--profile`, bench/step_profile.py):\n\n" + prof

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from test_engine import cpu_graphs  # noqa: F401 — the CPU stand-in for a CUDA graph
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -95,3 +97,23 @@ def test_ibau_precision_says_what_to_pass(argv, message):
 
     with pytest.raises(UserError, match=message):
         load("ibau_precision").main(argv)
+
+
+def test_mask_bench_graph_check_finds_the_graphed_salun_step_exact(cpu_graphs, tmp_path):
+    # on CUDA the bench checks SalUn's graphed step against the never-captured one; here the
+    # CPU stand-in graph plays the GPU's part
+    import copy
+
+    import torch
+
+    import test_methods as T
+    from test_engine import FakeGraph
+
+    data = T.make_data()
+    model, _, _ = T.train_classifier("smallcnn", data, T.RECIPE, device="cpu", seed=0, ckpt_path=tmp_path / "b.pt")
+    s = T.setup_for(data, momentum=0.9, weight_decay=5e-4)
+    s.mask = T.mask_for(copy.deepcopy(model), s, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = load("mask_bench").graph_check(model, s, steps=8)
+    assert FakeGraph.replays > 0 and out == {"steps": 8, "max_weight_diff": 0.0, "masked_unchanged": True}
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model itself untouched
