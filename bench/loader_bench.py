@@ -228,6 +228,8 @@ def profile(args, ours, cfg: dict, info, device, ms_per_step: float) -> dict:
     model = make_model()
     engine.fit(model, ours, engine.TrainConfig(**{**cfg, "steps": args.warmup}), desc="warmup")
     jobs = {}
+    if device.type == "cuda":  # under --compile too: both variants share one compilation
+        jobs["graph_check"] = lambda: step_profile.graph_check(make_model, ours, cfg, args.profile_steps + 10)
     if args.compile:
         jobs["dynamo"] = step_profile.dynamo_summary
     else:  # the bare-step variants run eager: measured once, in the eager run
@@ -235,8 +237,6 @@ def profile(args, ours, cfg: dict, info, device, ms_per_step: float) -> dict:
                                                                 args.warmup, device)
         jobs["cuda_graph_s"] = lambda: step_profile.graphed_compute_seconds(make_model(), next(iter(ours)), cfg,
                                                                             args.steps, device)
-        if device.type == "cuda":
-            jobs["graph_check"] = lambda: step_profile.graph_check(make_model, ours, cfg, args.profile_steps + 10)
     # last: once the profiler has run, CUPTI slows every later launch in this process
     jobs["fit"] = lambda: step_profile.profile_fit(model, ours, cfg, args.profile_steps, ms_per_step, device)
     for name, job in jobs.items():

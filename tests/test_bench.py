@@ -117,3 +117,17 @@ def test_mask_bench_graph_check_finds_the_graphed_salun_step_exact(cpu_graphs, t
     out = load("mask_bench").graph_check(model, s, steps=8)
     assert FakeGraph.replays > 0 and out == {"steps": 8, "max_weight_diff": 0.0, "masked_unchanged": True}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model itself untouched
+
+
+def test_step_profile_graph_check_compares_against_the_never_captured_step(cpu_graphs):
+    import torch
+
+    from datasets import Augment, BatchLoader
+    from models import get_model
+    from test_engine import FakeGraph, tiny_split
+
+    step_profile = load("step_profile")
+    loader = BatchLoader(tiny_split(n=64), batch_size=16, shuffle=True, seed=0, augment=Augment())
+    out = step_profile.graph_check(lambda: get_model("smallcnn", 4), loader, {"lr": 0.05, "amp": False}, 8)
+    assert FakeGraph.replays > 0 and out["max_weight_diff"] == 0.0 and out["eager_vs_eager_diff"] == 0.0
+    assert out["graph_loss"] == out["eager_loss"] and torch.isfinite(torch.tensor(out["max_weight"]))
