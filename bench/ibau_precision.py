@@ -58,10 +58,10 @@ def gpu_habits(tf32: str = "off", keep_denormals: bool = False, eval_bf16: bool 
     import engine
     import ibau
 
-    saved = [(F, "conv2d"), (F, "conv_transpose2d"), (ibau, "conv_weight_grad"), (torch, "set_flush_denormal"),
-             (engine, "predict")]
-    saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
-    conv2d, conv_t, weight_grad, predict = F.conv2d, F.conv_transpose2d, ibau.conv_weight_grad, engine.predict
+    saved = [(owner, name, getattr(owner, name)) for owner, name in (
+        (F, "conv2d"), (F, "conv_transpose2d"), (ibau, "conv_weight_grad"), (engine, "predict"),
+        (torch, "set_flush_denormal"))]
+    conv2d, conv_t, weight_grad, predict = (value for _, _, value in saved[:4])
     if tf32 != "off":
         F.conv2d = lambda x, w, *a, **k: conv2d(tf32_round(x), tf32_round(w), *a, **k)
     if tf32 == "all":  # I-BAU's convolutions run their backward through these (ibau._Conv2dExplicitBackward)
