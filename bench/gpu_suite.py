@@ -56,13 +56,16 @@ TINY_PER_CLASS = {"train": 40, "test": 20}
 UNPACK_TO = "/tmp/unlearnbench-data"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 PROBE = """
-import json, os, platform, torch, torchvision, datasets
-for train in (True, False):
-    datasets.load_split("cifar10", train)
+import json, os, platform, PIL, torch, torchvision, datasets
+# the decoded pixels' checksums tell whether this machine's JPEG decoding gives this project's
+# CPU machines' pixels (docs/ibau.md "On a GPU": same files, another decoder?)
+crc = {("train" if train else "test"): datasets.checksum(datasets.load_split("cifar10", train))
+       for train in (True, False)}
 cuda = torch.cuda.is_available()
 print("PROBE " + json.dumps({"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
       "gpus": torch.cuda.device_count(), "cuda": torch.version.cuda if cuda else None, "torch": torch.__version__,
-      "torchvision": torchvision.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}))
+      "torchvision": torchvision.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+      "pillow": PIL.__version__, "cifar10_crc32": crc}))
 """
 
 
@@ -348,7 +351,8 @@ def render(suite: Suite, elapsed: float) -> str:
              f"{suite.total:.0f} s budget, started {suite.started}. Written by the suite (after every step).", "",
              f"Machine: {m.get('device', '?')} ({m.get('gpus', 0)} GPU(s), CUDA {m.get('cuda')}), {m.get('cpus', '?')} "
              f"CPU cores; torch {m.get('torch', '?')}, torchvision {m.get('torchvision', '?')}, Python "
-             f"{m.get('python', '?')}." + (" **--tiny: tiny data, SmallCNN; the figures mean nothing.**"
+             f"{m.get('python', '?')}, Pillow {m.get('pillow', '?')}; the decoded CIFAR-10's CRC-32 "
+             f"(`datasets.checksum`) {m.get('cifar10_crc32', '?')}." + (" **--tiny: tiny data, SmallCNN; the figures mean nothing.**"
                                             if suite.ctx.tiny else ""), ""]
     rows = [{"part": k, "what": r["title"], "status": r["status"], "seconds": fmt_s(r.get("seconds")),
              "budget (s)": f"{r['budget_s']:.0f}"} for k, r in results.items()]

@@ -13,6 +13,12 @@ defense.py on the CPU with one GPU habit at a time put in:
   --keep-denormals  denormal floats kept, as a GPU keeps them (defense.py flushes them on the
                     CPU, where arithmetic on them is ~100x slower: expect a slow run)
   --eval-bf16       ACC and ASR measured under bf16 autocast, engine.predict's default on CUDA
+  --reorder SEED    every convolution's and linear layer's output (forward, and the backward
+                    convolutions the hypergradient differentiates) moved by about one unit in
+                    the last place, drawn from SEED: what summing in another order (a GPU
+                    kernel's reduction tree) does to float32 results. Different SEEDs are
+                    different machines computing the same function; if some of them keep the
+                    backdoor, the outcome hangs on rounding, not on any one habit
 
 Everything after `--` goes to defense.py unchanged:
 
@@ -38,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from constants import UserError  # noqa: E402
 
 TF32_DROPPED_BITS = 13  # float32 keeps 23 mantissa bits, TF32 10
+FLOAT32_ULP = 2.0 ** -23  # float32's spacing above 1
 
 
 def tf32_round(x: torch.Tensor) -> torch.Tensor:
@@ -51,17 +58,37 @@ def tf32_round(x: torch.Tensor) -> torch.Tensor:
     return x + (rounded - x.detach())
 
 
+def reordered(fn, generator: torch.Generator):
+    """`fn` whose float32 result is scaled by (1 + ε), ε ~ N(0, 1 ulp) per element drawn from
+    `generator`: about a one-ulp change, the size of a different summation order's.
+    Straight-through, like tf32_round: autograd sees `fn` itself."""
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if out.dtype != torch.float32:
+            return out
+        eps = torch.randn(out.shape, generator=generator).mul_(FLOAT32_ULP).to(out.device)
+        return out + (out.detach() * eps)
+    return wrapped
+
+
 @contextlib.contextmanager
-def gpu_habits(tf32: str = "off", keep_denormals: bool = False, eval_bf16: bool = False):
+def gpu_habits(tf32: str = "off", keep_denormals: bool = False, eval_bf16: bool = False,
+               reorder: int | None = None):
     """Within the block: convolutions' operands rounded to TF32 (`tf32` "forward", or "all"
-    for the backward convolutions too), denormals kept, evaluation under bf16 autocast."""
+    for the backward convolutions too), denormals kept, evaluation under bf16 autocast,
+    convolutions' and linear layers' results moved by about an ulp (`reorder`: the seed)."""
     import engine
     import ibau
 
     saved = [(owner, name, getattr(owner, name)) for owner, name in (
         (F, "conv2d"), (F, "conv_transpose2d"), (ibau, "conv_weight_grad"), (engine, "predict"),
-        (torch, "set_flush_denormal"))]
-    conv2d, conv_t, weight_grad, predict = (value for _, _, value in saved[:4])
+        (F, "linear"), (torch, "set_flush_denormal"))]
+    if reorder is not None:  # inside the TF32 rounding below: operands rounded, kernel, result moved
+        gen = torch.Generator().manual_seed(reorder)
+        F.conv2d, F.conv_transpose2d, F.linear = (reordered(f, gen) for f in (F.conv2d, F.conv_transpose2d, F.linear))
+        ibau.conv_weight_grad = reordered(ibau.conv_weight_grad, gen)
+    conv2d, conv_t, weight_grad = F.conv2d, F.conv_transpose2d, ibau.conv_weight_grad
+    predict = engine.predict
     if tf32 != "off":
         F.conv2d = lambda x, w, *a, **k: conv2d(tf32_round(x), tf32_round(w), *a, **k)
     if tf32 == "all":  # I-BAU's convolutions run their backward through these (ibau._Conv2dExplicitBackward)
@@ -86,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--tf32", choices=("off", "forward", "all"), default="off")
     p.add_argument("--keep-denormals", action="store_true")
     p.add_argument("--eval-bf16", action="store_true")
+    p.add_argument("--reorder", type=int, default=None, metavar="SEED")
     args = p.parse_args(ours)
     if not rest:
         raise UserError("give defense.py's flags after `--`, e.g. -- --poi-path MODEL --device cpu -NL")
@@ -93,7 +121,7 @@ def main(argv=None) -> int:
         raise UserError("this emulates GPU arithmetic on the CPU: pass --device cpu after `--`")
     import defense
 
-    with gpu_habits(args.tf32, args.keep_denormals, args.eval_bf16):
+    with gpu_habits(args.tf32, args.keep_denormals, args.eval_bf16, args.reorder):
         return defense.main(rest)
 
 

@@ -131,3 +131,30 @@ def test_step_profile_graph_check_compares_against_the_never_captured_step(cpu_g
     out = step_profile.graph_check(lambda: get_model("smallcnn", 4), loader, {"lr": 0.05, "amp": False}, 8)
     assert FakeGraph.replays > 0 and out["max_weight_diff"] == 0.0 and out["eager_vs_eager_diff"] == 0.0
     assert out["graph_loss"] == out["eager_loss"] and torch.isfinite(torch.tensor(out["max_weight"]))
+
+
+def test_ibau_precision_reorder_moves_results_by_about_an_ulp_and_puts_everything_back():
+    import torch
+    import torch.nn.functional as F
+
+    import ibau
+
+    bench = load("ibau_precision")
+    before = (F.conv2d, F.conv_transpose2d, F.linear, ibau.conv_weight_grad)
+    g = torch.Generator().manual_seed(0)
+    img, w = torch.randn(2, 3, 8, 8, generator=g, requires_grad=True), torch.randn(4, 3, 3, 3, generator=g)
+    exact = F.conv2d(img, w)
+
+    def moved(seed):
+        with bench.gpu_habits(reorder=seed):
+            return F.conv2d(img, w), F.linear(img.flatten(1), torch.ones(5, 192))
+
+    (a, la), (b, _), (c, _) = moved(1), moved(1), moved(2)
+    assert torch.equal(a, b) and not torch.equal(a, c)  # one seed, one machine
+    rel = ((a - exact).abs() / exact.abs().clamp_min(1e-6)).max().item()
+    assert 0 < rel < 8 * bench.FLOAT32_ULP
+    assert not torch.equal(la, F.linear(img.flatten(1), torch.ones(5, 192)))
+    a.sum().backward()  # straight-through: the gradient is the convolution's own
+    expected = torch.autograd.grad(F.conv2d(img, w).sum(), img)[0]
+    assert torch.equal(img.grad, expected)
+    assert (F.conv2d, F.conv_transpose2d, F.linear, ibau.conv_weight_grad) == before
