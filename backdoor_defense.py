@@ -352,30 +352,52 @@ def full_float32():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-def run_ibau(model, model_name: str, split, clean_idx, cfg: IBAUConfig, *, seed: int,
-             log: RoundLog) -> float:
-    """cfg.rounds I-BAU rounds on the clean images, all on the same batches (drawn once, as
-    the release); `seed` orders them and picks the perturbed images. Returns the defence
-    seconds, evaluation left out."""
+class IBAUSetup(NamedTuple):
+    """What I-BAU's rounds run on: the module, its batches (drawn once, as the release), the
+    outer optimiser and its schedule, the generator of the perturbed images, and the rest of
+    ibau_round's keywords."""
+    net: nn.Module
+    batches: list
+    outer_opt: torch.optim.Optimizer
+    schedule: object
+    generator: torch.Generator
+    options: dict
+
+
+def ibau_setup(model, model_name: str, split, clean_idx, cfg: IBAUConfig, *, seed: int) -> IBAUSetup:
+    """I-BAU on `model` (on its device) with the clean images `clean_idx` of `split`; `seed`
+    orders the batches and picks the perturbed images."""
     net, normalized, clamp = ibau_view(model, model_name, split, cfg.delta_space, cfg.clamp)
-    projection = resolve_projection(cfg.projection, model_name)
     device = next(model.parameters()).device
     batches = list(clean_loader(split, clean_idx, batch_size=cfg.batch_size, seed=seed,
                                 device=device, normalize=normalized))
     outer_opt = make_outer_optimizer(model.parameters(), cfg.optimizer, cfg.lr)
-    gen = torch.Generator().manual_seed(seed)
-    seconds = 0.0
     schedule = (torch.optim.lr_scheduler.StepLR(outer_opt, cfg.lr_half_life, gamma=0.5)
                 if cfg.lr_half_life else None)
+    options = dict(K=cfg.K, perturb_frac=cfg.perturb_frac, delta_lr=cfg.delta_lr,
+                   delta_optimizer=cfg.delta_optimizer, radius=cfg.radius or None,
+                   projection=resolve_projection(cfg.projection, model_name), clamp=clamp,
+                   min_perturbed=cfg.min_perturbed)
+    return IBAUSetup(net, batches, outer_opt, schedule, torch.Generator().manual_seed(seed), options)
+
+
+def ibau_round(run: IBAUSetup, **extra) -> dict:
+    """One round of `run` (ibau.ibau_round, TF32 off); `extra`: ibau_round's hooks."""
+    with full_float32():
+        return ibau.ibau_round(run.net, run.batches, run.outer_opt, generator=run.generator,
+                               schedule=run.schedule, **run.options, **extra)
+
+
+def run_ibau(model, model_name: str, split, clean_idx, cfg: IBAUConfig, *, seed: int,
+             log: RoundLog) -> float:
+    """cfg.rounds I-BAU rounds (ibau_setup), all on the same batches. Returns the defence
+    seconds, evaluation left out."""
+    run = ibau_setup(model, model_name, split, clean_idx, cfg, seed=seed)
+    seconds = 0.0
     for r in range(1, cfg.rounds + 1):
         sync(model)
         t0 = time.perf_counter()
-        with full_float32():
-            out = ibau.ibau_round(net, batches, outer_opt, K=cfg.K, perturb_frac=cfg.perturb_frac,
-                                  delta_lr=cfg.delta_lr, delta_optimizer=cfg.delta_optimizer,
-                                  radius=cfg.radius or None, projection=projection,
-                                  clamp=clamp, generator=gen, min_perturbed=cfg.min_perturbed,
-                                  schedule=schedule)
+        out = ibau_round(run)
         sync(model)
         seconds += time.perf_counter() - t0
         if log.due(r, cfg.rounds):  # the model itself is evaluated, not its pixel-space view

@@ -447,7 +447,7 @@ class Augment:
         if self.crop:
             return crop_flip(x, self.crop, gen, self.flip)
         if self.flip:
-            flips = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
+            flips = (torch.rand(len(x), generator=gen) < 0.5).to(x.device, non_blocking=True)
             return torch.where(flips[:, None, None, None], x.flip(3), x)
         return x
 

@@ -18,7 +18,7 @@ expects (the caller normalises or not); δ lives in that same space.
 from __future__ import annotations
 
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -256,18 +256,21 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
                delta_optimizer: str = "sgd", radius: float | None = None,
                projection: str = "end", clamp=None,
                generator: torch.Generator | None = None, min_perturbed: int = 0,
-               schedule=None) -> dict:
+               schedule=None, on_step=None, fast_layers: bool = True) -> dict:
     """One I-BAU round: fit δ, then one outer step per batch (zero_grad → hypergradient →
     step). Leaves the model in eval() mode. Returns {"delta", "outer_losses"}.
 
     generator: CPU torch.Generator choosing the perturbed images of each outer batch.
     min_perturbed: at least this many images per batch get δ (0 = the release, where a
     batch under 100 images gets none and its step is plain fine-tuning).
-    schedule: a learning-rate scheduler of outer_opt, stepped after every outer step."""
+    schedule: a learning-rate scheduler of outer_opt, stepped after every outer step.
+    on_step(i, delta): called after outer step i (from 0), e.g. to follow the weights.
+    fast_layers: False runs the model's own layers instead of fast_double_backward's (the
+    same function; a check on those layers)."""
     if K < 1:
         raise UserError(f"I-BAU needs K >= 1 fixed-point iterations, got {K}")
     model.eval()
-    with fast_double_backward(model):
+    with (fast_double_backward(model) if fast_layers else nullcontext(model)):
         with frozen(model):
             delta = fit_universal_perturbation(model, batches, lr=delta_lr, reg=reg,
                                                radius=radius, clamp=clamp,
@@ -276,7 +279,7 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
         fp_map = make_inner_map(model, x0, y0, step=inner_step, reg=reg, clamp=clamp)
         hparams = [p for p in model.parameters() if p.requires_grad]
         losses = []
-        for batch in batches:
+        for i, batch in enumerate(batches):
             x, y = batch[0], batch[1]
             chosen = random_subset(len(x), perturb_frac, generator, min_perturbed)
             outer = make_outer_loss(model, x, y, chosen, clamp)
@@ -291,4 +294,6 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
             outer_opt.step()
             if schedule is not None:
                 schedule.step()
+            if on_step is not None:
+                on_step(i, delta)
     return {"delta": delta, "outer_losses": losses}

@@ -17,6 +17,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_FILE = ROOT / "exp" / "resnet18_fast.json"
 RELEASE = {"cifar10": "badnets_8_02_ckpt.pth", "gtsrb": "gtsrbbadnets_8_02_ckpt.pth"}
+DIVERGENCE = "ibau_divergence.json"  # part (f): bench/ibau_divergence.py's figures
 POISONS = ("clean", "ops", "lsp", "l2-ar")
 DFR_POISON = "ops"
 MANIPULATIONS = ("poisoning", "interclasslabelswap")
@@ -371,12 +372,14 @@ def ibau_steps(ctx: Context) -> list:
             steps.append(Step(f"defense.py release_{dataset}", ibau_argv(ctx, model, dataset, f"release_{dataset}")))
     if steps and "--device" not in ctx.scale.ibau:
         # On an H200 the CIFAR-10 model kept ~90 % ASR where a CPU reaches 0.1 % in round 1
-        # (docs/ibau.md), and neither TF32, bf16 evaluation, kept denormals nor torch 2.11
-        # reproduces that on a CPU: round 1 on this machine's CPU, same data and torch,
-        # tells the GPU's arithmetic from this machine's data or environment
+        # (docs/ibau.md), and neither TF32, bf16 evaluation, kept denormals, torch 2.11 nor
+        # another summation order reproduces that on a CPU: round 1 on this machine's GPU and
+        # its CPU, same data and torch, compared stage by stage (δ, the weights, the outcome)
         model = ctx.data_root / "ibau_release" / RELEASE["cifar10"]
-        steps.append(Step("defense.py release_cifar10_cpu", ibau_argv(
-            ctx, model, "cifar10", "release_cifar10_cpu", "--device", "cpu", "--n-rounds", "1")))
+        devices = ("cpu", "cpu") if ctx.tiny else ("cuda", "cpu")
+        steps.append(Step("ibau_divergence.py release_cifar10", [
+            "bench/ibau_divergence.py", "--devices", *devices, "--plain-layers", "--json", str(ctx.out("f", DIVERGENCE)),
+            "--", "--poi-path", str(model), "--dataset", "cifar10", *ctx.scale.ibau, "--n-rounds", "1"]))
     return steps
 
 
@@ -387,26 +390,32 @@ def ibau_argv(ctx: Context, model: Path, dataset: str, tag: str, *extra) -> list
 
 def ibau_collect(ctx: Context, runs: list) -> tuple:
     figures, rows = {}, []
-    runs_of = [(d, n, f"release_{d}", "") for d, n in RELEASE.items()]
-    runs_of.append(("cifar10_cpu", RELEASE["cifar10"], "release_cifar10_cpu", " (this machine's CPU)"))
-    for dataset, name, tag, where in runs_of:
+    for dataset, name in RELEASE.items():
+        tag = f"release_{dataset}"
         res = read_json(ctx.out("f", f"{tag}.json"))
         if not res:
             continue
         s = res["summary"]
         figures[dataset] = {k: s.get(k) for k in ("acc_before", "asr_before", "acc", "asr", "seconds", "n_clean")}
         figures[dataset]["asr_by_round"] = [r.get("asr") for r in res["rounds"]]
-        rows.append({"release model": name + where, "clean images": s.get("n_clean"), "rounds": len(res["rounds"]) - 1,
+        rows.append({"release model": name, "clean images": s.get("n_clean"), "rounds": len(res["rounds"]) - 1,
                      "ACC before → after": f"{fmt(s['acc_before'])} → {fmt(s['acc'])}",
                      "ASR before → after": f"{fmt(s['asr_before'])} → {fmt(s['asr'])}",
                      "seconds": fmt(s.get("seconds"), 1)})
     ran = {r["name"].split()[-1]: r.get("status") for r in runs if r["name"].startswith("defense.py")}
     absent = [n for d, n in RELEASE.items() if d not in figures and f"release_{d}" not in ran]
-    unfinished = [f"{n}{where} ({ran[tag]})" for d, n, tag, where in runs_of if d not in figures and tag in ran]
+    unfinished = [f"{n} ({ran[f'release_{d}']})" for d, n in RELEASE.items()
+                  if d not in figures and f"release_{d}" in ran]
     note = (f"Not run (model or data absent under DATA_ROOT): {', '.join(absent)}.\n\n" if absent else "")
     note += (f"Started, no result (see its log: rounds printed before the cut): {', '.join(unfinished)}.\n\n"
              if unfinished else "")
-    return figures, note + table(rows, list(rows[0]) if rows else [])
+    md = note + table(rows, list(rows[0]) if rows else [])
+    divergence = read_json(ctx.out("f", DIVERGENCE))
+    if divergence:
+        figures["divergence"] = divergence["runs"]
+        md += ("\nRound 1 of the CIFAR-10 model on each device of this machine, compared "
+               f"(bench/ibau_divergence.py):\n\n{divergence['markdown'].rstrip()}\n")
+    return figures, md
 
 
 # --- (g) corrective unlearning: poisoning, interclass confusion --------------------------------------

@@ -158,3 +158,63 @@ def test_ibau_precision_reorder_moves_results_by_about_an_ulp_and_puts_everythin
     expected = torch.autograd.grad(F.conv2d(img, w).sum(), img)[0]
     assert torch.equal(img.grad, expected)
     assert (F.conv2d, F.conv_transpose2d, F.linear, ibau.conv_weight_grad) == before
+
+
+@pytest.fixture()
+def release_vgg(tmp_path, monkeypatch):
+    """A release-layout small VGG (random weights) and tiny 32×32 data to defend it with."""
+    import torch
+
+    from models import SmallVGG
+    from test_defense import write_folder
+
+    write_folder(tmp_path / "data", "tiny32", 32, 10, 2, 6, seed=1)
+    for var, sub in (("DATA_ROOT", "data"), ("CACHE_DIR", "cache"), ("RESULTS_DIR", "results")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    torch.manual_seed(1)
+    model = tmp_path / "badnets_8_02_ckpt.pth"  # the release's file name names trigger and target
+    torch.save({"net": SmallVGG(num_classes=10).state_dict(), "acc": 84.46, "epoch": 48}, model)
+    return model
+
+
+def divergence(model, out, *ours, rounds="2"):
+    assert load("ibau_divergence").main([
+        "--devices", "cpu", "cpu", *ours, "--json", str(out), "--", "--poi-path", str(model),
+        "--dataset", "tiny32", "--n-clean", "20", "--batch-size", "10", "--n-rounds", rounds, "--K", "2",
+        "--threads", "1"]) == 0
+    return json.loads(out.read_text())["runs"]
+
+
+def test_ibau_divergence_same_device_twice_agrees_and_plain_layers_compute_the_same(
+        release_vgg, tmp_path, capsys, one_thread):
+    runs = divergence(release_vgg, tmp_path / "div.json", "--plain-layers")
+    a, again, plain = runs["cpu"], runs["cpu again"], runs["cpu plain layers"]
+    assert sorted(a["update_cosine"], key=int) == ["1", "2", "4"]  # step 1, each round's end (2 batches)
+    assert again["delta_cosine"] == pytest.approx(1.0, abs=1e-12)
+    for key in ("hypergradient_cosine", "update_cosine"):  # one device, one result
+        assert all(v == pytest.approx(1.0, abs=1e-12) for v in again[key].values())
+    assert (again["acc"], again["asr"], again["racc"]) == (a["acc"], a["asr"], a["racc"])
+    assert 0 <= a["delta_to_target"] <= 100
+    # the model's own layers compute what fast_double_backward's do, to rounding
+    assert plain["delta_cosine"] > 0.999
+    assert min(plain["hypergradient_cosine"].values()) > 0.99
+    assert "δ cosine with cpu" in capsys.readouterr().out
+
+
+def test_ibau_divergence_reorder_measures_what_rounding_alone_does(release_vgg, tmp_path, one_thread):
+    runs = divergence(release_vgg, tmp_path / "div.json", "--reorder", "0", rounds="1")
+    moved = runs["cpu moved by an ulp (--reorder 0)"]
+    assert 0.99 < moved["delta_cosine"] < 1.0
+    assert 0.99 < min(moved["hypergradient_cosine"].values()) and min(moved["update_cosine"].values()) < 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--devices", "cpu", "cpu"], "after `--`"),
+    (["--", "--poi-path", "m.pt", "--device", "cpu"], "--devices"),
+    (["--", "--poi-path", "m.pt", "--method", "finetune"], "drop --method"),
+    (["--", "--poi-path", "m.pt", "--save", "x.pt", "--eval-every", "2", "-NL"], "--eval-every, --save not used here")])
+def test_ibau_divergence_says_what_to_pass(argv, message):
+    from constants import UserError
+
+    with pytest.raises(UserError, match=message):
+        load("ibau_divergence").main(argv)

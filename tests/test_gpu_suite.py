@@ -81,6 +81,7 @@ def test_tiny_suite_reports_every_part(tmp_path):
         want = "done" if key != "f" or release else "skipped"
         assert parts[key]["status"] == want, (key, parts[key])
     assert report["machine"]["torch"] and report["machine"]["torchvision"]
+    assert set(report["machine"]["cifar10_crc32"]) == {"train", "test"}  # which pixels were decoded
     if travel:
         assert (tmp_path / "unpacked" / "cifar10" / "test").is_dir()
         assert parts["data"]["steps"][0]["name"] == "unpack the data"
@@ -94,6 +95,9 @@ def test_tiny_suite_reports_every_part(tmp_path):
     assert f["e"]["dfr"]["dfr_test_acc"] is not None
     if release:
         assert f["f"]["cifar10"]["asr"] is not None
+        # round 1 on two devices (here the CPU twice) and through the plain layers, compared
+        assert len(f["f"]["divergence"]) == 3
+        assert all(r["delta_cosine"] is not None for r in f["f"]["divergence"].values())
     assert {"poisoning", "interclasslabelswap"} <= set(f["g"])
     assert len(f["g"]["poisoning"]) == 1 + 10  # the manipulated model, 5 methods x 2 shares
     found = list(numbers(f))
