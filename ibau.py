@@ -120,13 +120,15 @@ def _grads(out, wrt, grad_outputs=None, retain_graph=False):
 
 
 def fixed_point_hypergradient(params, hparams, K: int, fp_map, outer_loss,
-                              tol: float = 1e-10, set_grad: bool = True):
+                              tol: float = 1e-10, set_grad: bool = True, parts: dict | None = None):
     """Implicit hypergradient of outer_loss through the fixed point params = fp_map(params, θ).
 
     v₀ = 0; v ← (∂Φ/∂δ)ᵀv + ∇δ L_outer, K times (early stop when ‖Δv‖ < tol): a truncated
     Neumann series for (I − ∂Φ/∂δ)⁻ᵀ ∇δ L_outer. Then (∂Φ/∂θ)ᵀv + ∇θ L_outer is ADDED to
     θ.grad (set_grad) — accumulation, as the release does — and returned (one entry per
-    hparam; None for hparams that do not require grad)."""
+    hparam; None for hparams that do not require grad).
+    parts: a dict to receive the direct term ∇θ L_outer ("direct", per live hparam) and the
+    norms ‖v_k‖ of the series' iterates ("v_norms"; a host sync each, so only when asked)."""
     params = [p.detach().requires_grad_(True) for p in params]
     hparams = list(hparams)
     live = [h for h in hparams if h.requires_grad]
@@ -138,20 +140,41 @@ def fixed_point_hypergradient(params, hparams, K: int, fp_map, outer_loss,
     # The first iteration from v₀ = 0 gives v₁ = ∇δL exactly: the release spends a
     # double-backward pass on (∂Φ/∂δ)ᵀ·0; skipping it changes no bit of the result.
     v = list(g_params)
+    norms = [] if parts is None else [torch.sqrt(sum((a ** 2).sum() for a in v))]
     done = torch.sqrt(sum((a ** 2).sum() for a in v)) < tol  # the release's test on ‖v₁ − v₀‖
     for _ in range(0 if done else K - 1):
         prev = v
         jv = _grads(mapped, params, grad_outputs=v, retain_graph=True)
         v = [a + b for a, b in zip(jv, g_params)]
+        if parts is not None:
+            norms.append(torch.sqrt(sum((a ** 2).sum() for a in v)))
         if torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(v, prev))) < tol:
             break
     hg = [a + b for a, b in zip(_grads(mapped, live, grad_outputs=v), g_hparams)]
+    if parts is not None:
+        parts.update(direct=[g.detach() for g in g_hparams], v_norms=[float(n) for n in norms])
 
     if set_grad:
         for h, g in zip(live, hg):
             h.grad = g.detach().clone() if h.grad is None else h.grad + g.detach()
     it = iter(hg)
     return [next(it) if h.requires_grad else None for h in hparams]
+
+
+def outer_gradient(model, delta, batch, chosen, fp_map, hparams, K: int, clamp=None,
+                   parts: dict | None = None) -> float:
+    """One outer step's gradient: the hypergradient of L_outer on `batch` (δ added to the
+    images `chosen`) accumulated into the hparams' .grad. Returns L_outer."""
+    outer = make_outer_loss(model, batch[0], batch[1], chosen, clamp)
+    losses = []
+
+    def recorded(params, hp):
+        loss = outer(params, hp)
+        losses.append(loss.detach())
+        return loss
+
+    fixed_point_hypergradient([delta], hparams, K, fp_map, recorded, parts=parts)
+    return float(losses[0])
 
 
 class _Conv2dExplicitBackward(torch.autograd.Function):
@@ -275,22 +298,13 @@ def ibau_round(model, batches, outer_opt, K: int = 5, *, inner_step: float = 0.1
             delta = fit_universal_perturbation(model, batches, lr=delta_lr, reg=reg,
                                                radius=radius, clamp=clamp,
                                                optimizer=delta_optimizer, projection=projection)
-        x0, y0 = batches[0][0], batches[0][1]
-        fp_map = make_inner_map(model, x0, y0, step=inner_step, reg=reg, clamp=clamp)
+        fp_map = make_inner_map(model, batches[0][0], batches[0][1], step=inner_step, reg=reg, clamp=clamp)
         hparams = [p for p in model.parameters() if p.requires_grad]
         losses = []
         for i, batch in enumerate(batches):
-            x, y = batch[0], batch[1]
-            chosen = random_subset(len(x), perturb_frac, generator, min_perturbed)
-            outer = make_outer_loss(model, x, y, chosen, clamp)
-
-            def recorded(params, hp, outer=outer):
-                loss = outer(params, hp)
-                losses.append(float(loss.detach()))
-                return loss
-
+            chosen = random_subset(len(batch[0]), perturb_frac, generator, min_perturbed)
             outer_opt.zero_grad()
-            fixed_point_hypergradient([delta], hparams, K, fp_map, recorded)
+            losses.append(outer_gradient(model, delta, batch, chosen, fp_map, hparams, K, clamp))
             outer_opt.step()
             if schedule is not None:
                 schedule.step()

@@ -12,11 +12,15 @@ compares them stage by stage:
   steps    after outer steps 1, 5, 10, 25 and at the end of every round: the cosine of the
            two devices' hypergradients (the outer step's gradient, before Adam) and of their
            updates so far (θ − θ_0). These part under rounding alone: on the CPU one-ulp
-           moves (--reorder) already leave δ at cosine 0.997 and the first hypergradient at
-           0.10, the first update at 0.55 (Adam's first step is about lr·sign(g), and the
-           many coordinates whose gradient is about zero flip sign), and yet every such run
-           removes the backdoor (docs/ibau.md). So read a pair of devices against
-           --reorder's figures, not against 1; the outcome and δ → target are what tell
+           moves (--reorder) leave δ at cosine 0.997, and the first hypergradient, amplifying
+           that small difference of δ, at 0.10 (the first update at 0.55), and yet every such
+           run removes the backdoor (docs/ibau.md). So read a pair of devices against
+           --reorder's figures, not against 1
+  step 1   the first outer step's hypergradient recomputed from the original weights and the
+           first run's δ on every device (this stage alone, from the same inputs): its direct
+           term ∇θ L_outer and its implicit term (∂Φ/∂θ)ᵀv, their norms and cosines with
+           the first run's, and the Neumann iterates' norms ‖v_k‖. Under one-ulp moves both
+           cosines are 1.0000: here a device that computes something else shows at once
   outcome  ACC, ASR and R-Acc on the held-out images after the last round (defense.py's
            evaluation, on each device)
 
@@ -111,6 +115,28 @@ def one_run(model0, model_name: str, data: bd.DefenceData, attack: dict, cfg: bd
             "steps_per_round": per_round}
 
 
+def first_step(model0, model_name: str, data: bd.DefenceData, cfg: bd.IBAUConfig, delta: torch.Tensor, *,
+               seed: int, device: torch.device, fast_layers: bool = True) -> dict:
+    """The first outer step's hypergradient from model0's weights and the given δ (the first
+    run's, so every device starts this stage from the same inputs), split into its direct
+    term ∇θ L_outer and its implicit term (∂Φ/∂θ)ᵀv, with the Neumann iterates' norms ‖v_k‖
+    (growing: the fixed-point map does not contract, and the series does not converge)."""
+    model = copy.deepcopy(model0).to(device)
+    run = bd.ibau_setup(model, model_name, data.split, data.clean_idx, cfg, seed=seed)
+    opts, batch = run.options, run.batches[0]
+    run.net.eval()
+    parts = {}
+    with bd.full_float32(), (ibau.fast_double_backward(run.net) if fast_layers else contextlib.nullcontext()):
+        fp_map = ibau.make_inner_map(run.net, batch[0], batch[1], clamp=opts["clamp"])
+        hparams = [p for p in run.net.parameters() if p.requires_grad]
+        chosen = ibau.random_subset(len(batch[0]), opts["perturb_frac"], run.generator, opts["min_perturbed"])
+        ibau.outer_gradient(run.net, delta.to(device), batch, chosen, fp_map, hparams, opts["K"], opts["clamp"],
+                            parts=parts)
+    direct = torch.cat([g.float().reshape(-1).cpu() for g in parts["direct"]])
+    full = torch.cat([p.grad.float().reshape(-1).cpu() for p in hparams])
+    return {"direct": direct, "implicit": full - direct, "v_norms": parts["v_norms"]}
+
+
 @torch.no_grad()
 def target_share(model0, model_name: str, data: bd.DefenceData, cfg: bd.IBAUConfig, delta: torch.Tensor,
                  target: int | None, seed: int) -> float | None:
@@ -141,7 +167,12 @@ def compare(runs: dict, theta0: torch.Tensor, first: str, share: dict) -> dict:
         steps = sorted(run["weights"])
         hypergradient = {s: cosine(run["grads"][s], a["grads"][s]) for s in steps}
         update = {s: cosine(run["weights"][s] - theta0, a["weights"][s] - theta0) for s in steps}
+        f, fa = run["first_step"], a["first_step"]
+        first_step_figures = {"direct_norm": float(f["direct"].norm()), "implicit_norm": float(f["implicit"].norm()),
+                              "v_norms": f["v_norms"], "direct_cosine": cosine(f["direct"], fa["direct"]),
+                              "implicit_cosine": cosine(f["implicit"], fa["implicit"])}
         out[name] = {"device": run["device"], "fast_layers": run["fast_layers"], "seconds": run["seconds"],
+                     "first_step": first_step_figures,
                      "delta_l2": float(run["delta"].norm()), "delta_to_target": share[name],
                      "delta_cosine": cosine(run["delta"], a["delta"]),
                      "hypergradient_cosine": hypergradient, "update_cosine": update, **run["outcome"]}
@@ -160,6 +191,15 @@ def render(figures: dict, first: str) -> str:
                for name, f in figures.items() if name != first
                for what, key in (("hypergradient", "hypergradient_cosine"), ("update θ − θ₀", "update_cosine"))]
     text = markdown_table(rows, list(rows[0]))
+    first_rows = [{"run": name, "‖direct‖": f"{f['first_step']['direct_norm']:.4g}",
+                   "‖implicit‖": f"{f['first_step']['implicit_norm']:.4g}",
+                   "Neumann ‖v_k‖": " / ".join(f"{v:.3g}" for v in f["first_step"]["v_norms"]),
+                   f"direct cosine with {first}": f"{f['first_step']['direct_cosine']:.4f}",
+                   f"implicit cosine with {first}": f"{f['first_step']['implicit_cosine']:.4f}"}
+                  for name, f in figures.items()]
+    text = text.rstrip("\n") + (f"\n\nThe first outer step's hypergradient from the same weights and {first}'s δ: "
+                                 "its direct term ∇θ L_outer and its implicit term (∂Φ/∂θ)ᵀv:\n\n"
+                                 + markdown_table(first_rows, list(first_rows[0])))
     if by_step:
         text = text.rstrip("\n") + ("\n\nBy outer step, against " + first + "'s:\n\n"
                                      + markdown_table(by_step, list(by_step[0])))
@@ -216,6 +256,9 @@ def main(argv=None) -> int:
             runs[name] = {**one_run(poisoned.model, poisoned.model_name, data, poisoned.attack, cfg,
                                     seed=dargs.seed, device=device, fast_layers=fast),
                           "device": str(device), "fast_layers": fast}
+            runs[name]["first_step"] = first_step(poisoned.model, poisoned.model_name, data, cfg,
+                                                  runs[plan[0][0]]["delta"], seed=dargs.seed, device=device,
+                                                  fast_layers=fast)
     target = poisoned.attack.get("target") if poisoned.attack.get("mode") != "all2all" else None
     share = {name: target_share(poisoned.model, poisoned.model_name, data, cfg, run["delta"], target, dargs.seed)
              for name, run in runs.items()}

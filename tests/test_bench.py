@@ -195,6 +195,10 @@ def test_ibau_divergence_same_device_twice_agrees_and_plain_layers_compute_the_s
         assert all(v == pytest.approx(1.0, abs=1e-12) for v in again[key].values())
     assert (again["acc"], again["asr"], again["racc"]) == (a["acc"], a["asr"], a["racc"])
     assert 0 <= a["delta_to_target"] <= 100
+    assert again["first_step"]["direct_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert again["first_step"]["implicit_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert len(a["first_step"]["v_norms"]) == 2  # --K 2
+    assert plain["first_step"]["direct_cosine"] > 0.999
     # the model's own layers compute what fast_double_backward's do, to rounding
     assert plain["delta_cosine"] > 0.999
     assert min(plain["hypergradient_cosine"].values()) > 0.99
