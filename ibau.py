@@ -140,8 +140,8 @@ def fixed_point_hypergradient(params, hparams, K: int, fp_map, outer_loss,
     # The first iteration from v₀ = 0 gives v₁ = ∇δL exactly: the release spends a
     # double-backward pass on (∂Φ/∂δ)ᵀ·0; skipping it changes no bit of the result.
     v = list(g_params)
-    norms = [] if parts is None else [torch.sqrt(sum((a ** 2).sum() for a in v))]
-    done = torch.sqrt(sum((a ** 2).sum() for a in v)) < tol  # the release's test on ‖v₁ − v₀‖
+    norms = [torch.sqrt(sum((a ** 2).sum() for a in v))]  # ‖v_k‖, k = 1, 2, ...
+    done = norms[0] < tol  # the release's test on ‖v₁ − v₀‖
     for _ in range(0 if done else K - 1):
         prev = v
         jv = _grads(mapped, params, grad_outputs=v, retain_graph=True)

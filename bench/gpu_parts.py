@@ -374,7 +374,7 @@ def ibau_steps(ctx: Context) -> list:
         # On an H200 the CIFAR-10 model kept ~90 % ASR where a CPU reaches 0.1 % in round 1
         # (docs/ibau.md), and neither TF32, bf16 evaluation, kept denormals, torch 2.11 nor
         # another summation order reproduces that on a CPU: round 1 on this machine's GPU and
-        # its CPU, same data and torch, compared stage by stage (δ, the weights, the outcome)
+        # its CPU, same data and torch, compared stage by stage (δ, the hypergradient, the outcome)
         model = ctx.data_root / "ibau_release" / RELEASE["cifar10"]
         devices = ("cpu", "cpu") if ctx.tiny else ("cuda", "cpu")
         steps.append(Step("ibau_divergence.py release_cifar10", [
