@@ -370,14 +370,15 @@ def ibau_steps(ctx: Context) -> list:
         data = ctx.data_root / ("gtsrb/gtsrb32.npz" if dataset == "gtsrb" else "cifar10/test")
         if model.is_file() and data.exists():
             steps.append(Step(f"defense.py release_{dataset}", ibau_argv(ctx, model, dataset, f"release_{dataset}")))
-    if steps and "--device" not in ctx.scale.ibau:
+    if any(s.name == "defense.py release_cifar10" for s in steps) and "--device" not in ctx.scale.ibau:
         # On an H200 the CIFAR-10 model kept ~90 % ASR where a CPU reaches 0.1 % in round 1
         # (docs/ibau.md), and neither TF32, bf16 evaluation, kept denormals, torch 2.11 nor
         # another summation order reproduces that on a CPU: round 1 on this machine's GPU and
-        # its CPU, same data and torch, compared stage by stage (δ, the hypergradient, the outcome)
+        # its CPU, same data and torch, compared stage by stage (δ, the hypergradient, the
+        # outcome). First in the part: should the part be cut, this is what tells most
         model = ctx.data_root / "ibau_release" / RELEASE["cifar10"]
         devices = ("cpu", "cpu") if ctx.tiny else ("cuda", "cpu")
-        steps.append(Step("ibau_divergence.py release_cifar10", [
+        steps.insert(0, Step("ibau_divergence.py release_cifar10", [
             "bench/ibau_divergence.py", "--devices", *devices, "--plain-layers", "--json", str(ctx.out("f", DIVERGENCE)),
             "--", "--poi-path", str(model), "--dataset", "cifar10", *ctx.scale.ibau, "--n-rounds", "1"]))
     return steps
