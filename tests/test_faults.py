@@ -326,7 +326,7 @@ def test_defense_on_hostile_trigger_metadata_says_one_line(tiny_env, capsys, tri
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
 def test_wandb_mode_is_obeyed_with_a_key_set(monkeypatch, capsys, mode):
-    import wandb
+    wandb = pytest.importorskip("wandb")  # optional: without it RunLogger never calls it
 
     tried = []
     monkeypatch.setattr(wandb, "init", lambda **kw: tried.append((kw["mode"], kw["settings"].init_timeout)))
