@@ -310,10 +310,11 @@ def graph_safe(hook: Callable) -> Callable:
 class GraphedStep:
     """Forward, loss, backward, gradient clipping and the optimizer step (with fit's hooks
     where they are `graph_safe`: SalUn's mask), captured once in a CUDA graph and replayed
-    for every batch of the captured shape (a smaller last batch runs eagerly). A model this small can leave a GPU waiting for the host: ResNet-18 at batch 512
-    on an H200 launched 457 kernels from ~1,300 host-side calls a step, and the GPU was busy
-    69 % of it on one host (docs/gpu.md); one replay instead takes the step to its kernels'
-    time whatever the host (91 % busy; on a faster host the eager step had matched it).
+    for every batch of the captured shape (a smaller last batch runs eagerly). A model this
+    small can leave a GPU waiting for the host: ResNet-18 at batch 512 on an H200 launched
+    457 kernels from ~1,300 host-side calls a step, and the GPU was busy 69 % of it on one
+    host (docs/gpu.md); one replay instead takes the step to its kernels' time whatever the
+    host (91 % busy; on a faster host the eager step had matched it).
 
     The first WARMUP steps run eagerly (cuDNN picks its kernels, the momentum buffers come
     to exist); then the step is captured. The learning rate becomes a device tensor that the
