@@ -369,7 +369,10 @@ def ibau_steps(ctx: Context) -> list:
         model = ctx.data_root / "ibau_release" / name
         data = ctx.data_root / ("gtsrb/gtsrb32.npz" if dataset == "gtsrb" else "cifar10/test")
         if model.is_file() and data.exists():
-            steps.append(Step(f"defense.py release_{dataset}", ibau_argv(ctx, model, dataset, f"release_{dataset}")))
+            tag = f"release_{dataset}"
+            steps.append(Step(f"defense.py {tag}", [
+                "defense.py", "--poi-path", str(model), "--dataset", dataset, "--tag", tag, "--out", str(ctx.out("f")),
+                "--save", str(ctx.work / "checkpoints" / f"ibau_{dataset}.pt"), *ctx.scale.ibau]))
     if any(s.name == "defense.py release_cifar10" for s in steps) and "--device" not in ctx.scale.ibau:
         # On an H200 the CIFAR-10 model kept ~90 % ASR where a CPU reaches 0.1 % in round 1
         # (docs/ibau.md), and neither TF32, bf16 evaluation, kept denormals, torch 2.11 nor
@@ -382,11 +385,6 @@ def ibau_steps(ctx: Context) -> list:
             "bench/ibau_divergence.py", "--devices", *devices, "--plain-layers", "--json", str(ctx.out("f", DIVERGENCE)),
             "--", "--poi-path", str(model), "--dataset", "cifar10", *ctx.scale.ibau, "--n-rounds", "1"]))
     return steps
-
-
-def ibau_argv(ctx: Context, model: Path, dataset: str, tag: str, *extra) -> list:
-    return ["defense.py", "--poi-path", str(model), "--dataset", dataset, "--tag", tag, "--out", str(ctx.out("f")),
-            "--save", str(ctx.work / "checkpoints" / f"ibau_{tag}.pt"), *ctx.scale.ibau, *extra]
 
 
 def ibau_collect(ctx: Context, runs: list) -> tuple:
